@@ -1,0 +1,157 @@
+"""FB-Mem, the paper's Algorithm 1: where does a generation copy a training image?
+
+Each (generation, training image) pair gets three scores: M_full on the whole images, M_fg
+on the foreground and M_bg on the background, with the region variants chosen by the
+generation's foreground fraction p (tiny foreground, foreground filling the image, or
+balanced). The label is the first region whose score reaches tau, in the order whole ->
+foreground -> background: VM (verbatim), FM (foreground), BM (background), else NM.
+
+tau = 0.8 is the paper's MS-SSIM verbatim threshold; the paper does not state Algorithm
+1's own tau, so it is a configurable assumption. beta = 0.03 is the paper's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from scanner.scoring import BALANCED, BRANCH_NAMES, LARGE_FG, SMALL_FG, EngineConfig, region_scores
+from scanner.similarity import METRICS, Metric, check_images, spec_for
+
+DEFAULT_TAU = 0.8  # paper's MS-SSIM threshold for verbatim copies (assumed for Algorithm 1)
+DEFAULT_BETA = 0.03  # paper's segmentation threshold
+
+LABELS = ("VM", "FM", "BM", "NM")  # most severe first
+SEVERITY = {label: rank for rank, label in enumerate(LABELS)}
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """Per-pair results of Algorithm 1, aligned with the `pairs` that were scored."""
+
+    pairs: np.ndarray  # (P, 2) int64: generation index, reference index
+    m_full: np.ndarray  # (P,) float
+    m_fg: np.ndarray
+    m_bg: np.ndarray
+    fg_fraction: np.ndarray  # (P,) foreground fraction p of the generation
+    branch: np.ndarray  # (P,) str: small_fg / large_fg / balanced
+    label: np.ndarray  # (P,) str: VM / FM / BM / NM
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def records(self) -> list[dict]:
+        return [
+            {
+                "gen_index": int(g),
+                "ref_index": int(r),
+                "m_full": float(self.m_full[i]),
+                "m_fg": float(self.m_fg[i]),
+                "m_bg": float(self.m_bg[i]),
+                "fg_fraction": float(self.fg_fraction[i]),
+                "branch": str(self.branch[i]),
+                "label": str(self.label[i]),
+            }
+            for i, (g, r) in enumerate(self.pairs)
+        ]
+
+
+def branches(fg_fraction: torch.Tensor, beta: float) -> torch.Tensor:
+    """Algorithm 1's case of each generation from its foreground fraction."""
+    code = torch.full_like(fg_fraction, BALANCED, dtype=torch.long)
+    code[fg_fraction >= 1 - beta] = LARGE_FG
+    code[fg_fraction <= beta] = SMALL_FG
+    return code
+
+
+def classify(m_full: np.ndarray, m_fg: np.ndarray, m_bg: np.ndarray, tau: float) -> np.ndarray:
+    """VM if M_full >= tau, else FM if M_fg >= tau, else BM if M_bg >= tau, else NM."""
+    return np.select([m_full >= tau, m_fg >= tau, m_bg >= tau], ["VM", "FM", "BM"], default="NM")
+
+
+def _check_inputs(gen, ref, gen_fg, ref_fg, pairs, tau, beta, metric) -> torch.Tensor:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    spec = spec_for(metric)
+    check_images(gen, spec, "gen")
+    check_images(ref, spec, "ref")
+    if gen.shape[1:] != ref.shape[1:]:
+        raise ValueError(f"gen and ref must share (C, H, W), got {tuple(gen.shape[1:])} and {tuple(ref.shape[1:])}")
+    if float(gen.min()) < 0 or float(gen.max()) > 1 or float(ref.min()) < 0 or float(ref.max()) > 1:
+        raise ValueError("images must be in [0, 1] (data range 1); rescale 8-bit data by 1/255")
+    for name, mask, images in (("gen_fg", gen_fg, gen), ("ref_fg", ref_fg, ref)):
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"{name} must be a boolean torch.Tensor (True = foreground)")
+        if mask.shape != (images.shape[0], *images.shape[2:]):
+            raise ValueError(f"{name} must have shape {(images.shape[0], *images.shape[2:])}, got {tuple(mask.shape)}")
+    if not 0 < tau <= 1:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    if not 0 <= beta < 0.5:
+        raise ValueError(f"beta must be in [0, 0.5), got {beta}")
+    if pairs is None:
+        g, r = torch.meshgrid(torch.arange(gen.shape[0]), torch.arange(ref.shape[0]), indexing="ij")
+        return torch.stack([g.flatten(), r.flatten()], dim=1)
+    pairs = torch.as_tensor(pairs)
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.is_floating_point():
+        raise ValueError(f"pairs must be an integer tensor of shape (P, 2), got {tuple(pairs.shape)} {pairs.dtype}")
+    pairs = pairs.long()
+    if pairs.numel() and (pairs.min() < 0 or pairs[:, 0].max() >= gen.shape[0] or pairs[:, 1].max() >= ref.shape[0]):
+        raise ValueError(f"pairs index out of range: {gen.shape[0]} generations, {ref.shape[0]} references")
+    return pairs
+
+
+def score_pairs(
+    gen: torch.Tensor,
+    ref: torch.Tensor,
+    gen_fg: torch.Tensor,
+    ref_fg: torch.Tensor,
+    pairs: torch.Tensor | None = None,
+    *,
+    tau: float = DEFAULT_TAU,
+    beta: float = DEFAULT_BETA,
+    metric: Metric = "ms_ssim",
+    engine: EngineConfig = EngineConfig(),
+) -> PairScores:
+    """Algorithm 1 for every pair; `pairs` (P, 2) or None for all G x R pairs.
+
+    gen (G, 3, H, W) and ref (R, 3, H, W) are floats in [0, 1] on the device that should do
+    the work; gen_fg (G, H, W) and ref_fg (R, H, W) are boolean foreground masks.
+    """
+    pairs = _check_inputs(gen, ref, gen_fg, ref_fg, pairs, tau, beta, metric)
+    spec = spec_for(metric)
+    fg_fraction = gen_fg.flatten(1).float().mean(1)
+    branch = branches(fg_fraction, beta)
+    scores = region_scores(gen, ref, gen_fg, ref_fg, pairs, branch.to(gen.device), spec, engine)
+    scores = scores.cpu().numpy()
+    pairs_np = pairs.cpu().numpy()
+    gen_idx = pairs_np[:, 0]
+    m_full, m_fg, m_bg = scores[:, 0], scores[:, 1], scores[:, 2]
+    return PairScores(
+        pairs=pairs_np,
+        m_full=m_full,
+        m_fg=m_fg,
+        m_bg=m_bg,
+        fg_fraction=fg_fraction.cpu().numpy()[gen_idx],
+        branch=np.array(BRANCH_NAMES)[branch.cpu().numpy()[gen_idx]],
+        label=classify(m_full, m_fg, m_bg, tau),
+    )
+
+
+def select_matches(scores: PairScores) -> dict[int, int]:
+    """Per generation, the row of its match among its scored candidates.
+
+    The generation's label is the most severe over its candidates (VM > FM > BM > NM); its
+    match is the candidate that reached that label with the highest deciding score. Ties
+    go to the lower reference index, so the choice never depends on candidate order.
+    """
+    decide = np.select(
+        [scores.label == "FM", scores.label == "BM"], [scores.m_fg, scores.m_bg], default=scores.m_full
+    )
+    severity = np.vectorize(SEVERITY.__getitem__, otypes=[np.int64])(scores.label) if len(scores) else np.array([])
+    # Sort by generation, then severity (most severe first), then score (highest first), then ref index.
+    order = np.lexsort((scores.pairs[:, 1], -decide, severity, scores.pairs[:, 0]))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = scores.pairs[order[1:], 0] != scores.pairs[order[:-1], 0]
+    return {int(scores.pairs[i, 0]): int(i) for i in order[first]}

@@ -1,0 +1,168 @@
+"""(MS-)SSIM split into per-image statistics and a per-pair cross term.
+
+SSIM needs, at every scale, five Gaussian-filtered maps of an image pair: mu_x, mu_y,
+E[x^2], E[y^2] and E[xy]. Only E[xy] depends on both images. This module computes the
+per-image part once (`image_stats`) and the pair part on demand (`pair_scores`), which is
+what makes one-against-many comparison cheap (see `scanner.scoring`). Composed, the two
+reproduce `pytorch_msssim.ms_ssim` / `ssim` operation for operation: 11-tap Gaussian
+window with sigma 1.5 (built in float32 like pytorch-msssim), valid filtering, 2x2 average
+pooling with padding on odd sides, negative contrast-structure clamped at 0 (MS-SSIM only),
+per-channel products then the mean over channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Metric = Literal["ms_ssim", "ssim"]
+METRICS: tuple[str, ...] = ("ms_ssim", "ssim")
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, pytorch-msssim
+
+
+@dataclass(frozen=True)
+class SSIMSpec:
+    """Constants of the structural similarity; defaults are pytorch-msssim's."""
+
+    weights: tuple[float, ...] = MS_SSIM_WEIGHTS  # one per scale; (1.0,) is single-scale SSIM
+    win_size: int = 11  # Gaussian window taps (Wang et al. 2004)
+    win_sigma: float = 1.5
+    k1: float = 0.01
+    k2: float = 0.03
+    data_range: float = 1.0  # images in [0, 1]; callers must say so, never a silent 255
+    clamp_negative: bool = True  # MS-SSIM clamps cs/ssim at 0; pytorch-msssim's ssim() does not
+
+    @property
+    def levels(self) -> int:
+        return len(self.weights)
+
+    @property
+    def min_side(self) -> int:
+        """Smallest shorter side accepted (pytorch-msssim asserts side > (win-1) * 2**(levels-1))."""
+        return (self.win_size - 1) * 2 ** (self.levels - 1) + 1 if self.levels > 1 else self.win_size
+
+
+def spec_for(metric: Metric, data_range: float = 1.0) -> SSIMSpec:
+    """The SSIMSpec of a metric name; the one place metric names are dispatched."""
+    if metric == "ms_ssim":
+        return SSIMSpec(data_range=data_range)
+    if metric == "ssim":
+        return SSIMSpec(weights=(1.0,), clamp_negative=False, data_range=data_range)
+    raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+
+
+def gaussian_window(spec: SSIMSpec, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """1-D window, computed in float32 first so float64 runs match pytorch-msssim bit for bit."""
+    coords = torch.arange(spec.win_size, dtype=torch.float32) - spec.win_size // 2
+    g = torch.exp(-(coords**2) / (2 * spec.win_sigma**2))
+    return (g / g.sum()).to(device=device, dtype=dtype)
+
+
+def blur(x: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
+    """Separable valid Gaussian filter of (N, C, H, W), each channel on its own."""
+    c = x.shape[1]
+    k = win.view(1, 1, 1, -1).expand(c, 1, 1, -1)
+    out = F.conv2d(x, k, groups=c)
+    return F.conv2d(out, k.transpose(2, 3), groups=c)
+
+
+def downsample(x: torch.Tensor) -> torch.Tensor:
+    padding = [s % 2 for s in x.shape[2:]]
+    return F.avg_pool2d(x, kernel_size=2, padding=padding)
+
+
+@dataclass
+class LevelStats:
+    """One scale of a batch of images: the image itself and its filtered mean and variance."""
+
+    image: torch.Tensor  # (N, C, h, w)
+    mu: torch.Tensor  # (N, C, h - win + 1, w - win + 1)
+    var: torch.Tensor  # E[x^2] - mu^2, same shape as mu
+
+    def with_image_dtype(self, dtype: torch.dtype) -> LevelStats:
+        """Half-precision copies of the images are safe; mu and var stay exact, because the
+        covariance E[xy] - mu_x mu_y cancels and fp16 rounding of mu (~2e-4) would dominate it."""
+        return LevelStats(self.image.to(dtype), self.mu, self.var)
+
+
+def check_images(x: torch.Tensor, spec: SSIMSpec, name: str = "images") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point in [0, {spec.data_range}], got {x.dtype}")
+    if min(x.shape[-2:]) < spec.min_side:
+        raise ValueError(
+            f"{name} are {x.shape[-1]}x{x.shape[-2]} px; {spec.levels}-scale SSIM with a "
+            f"{spec.win_size}-tap window needs a shorter side of at least {spec.min_side} px"
+        )
+
+
+def image_stats(x: torch.Tensor, spec: SSIMSpec) -> list[LevelStats]:
+    """Per-image statistics at every scale; computed once per image, reused for every pair."""
+    win = gaussian_window(spec, x.dtype, x.device)
+    levels = []
+    for level in range(spec.levels):
+        mu = blur(x, win)
+        var = blur(x * x, win).sub_(mu * mu)
+        levels.append(LevelStats(x, mu, var))
+        if level < spec.levels - 1:
+            x = downsample(x)
+    return levels
+
+
+def pair_scores(
+    a: list[LevelStats],
+    ia: torch.Tensor,
+    b: list[LevelStats],
+    ib: torch.Tensor,
+    spec: SSIMSpec,
+) -> torch.Tensor:
+    """(MS-)SSIM of the pairs (a[ia[j]], b[ib[j]]): one filtered cross term per scale and pair."""
+    c1 = (spec.k1 * spec.data_range) ** 2
+    c2 = (spec.k2 * spec.data_range) ** 2
+    # Images may be stored in half precision to save memory; arithmetic is never below fp32.
+    dtype = torch.promote_types(a[0].mu.dtype, torch.float32)
+    device = a[0].mu.device
+    win = gaussian_window(spec, dtype, device)
+    weights = torch.tensor(spec.weights, dtype=dtype, device=device)
+    factors = []
+    for level, (la, lb) in enumerate(zip(a, b, strict=True)):
+        mu_a, mu_b = la.mu[ia], lb.mu[ib]
+        mu_ab = mu_a * mu_b
+        cov = blur(la.image[ia].to(dtype) * lb.image[ib].to(dtype), win).sub_(mu_ab)
+        var_sum = la.var[ia].add_(lb.var[ib]).add_(c2)
+        cs_map = cov.mul_(2).add_(c2).div_(var_sum)
+        if level == spec.levels - 1:
+            lum = mu_ab.mul_(2).add_(c1).div_(mu_a.pow_(2) + mu_b.pow_(2) + c1)
+            cs_map = cs_map.mul_(lum)  # the full SSIM map at the coarsest scale
+        per_channel = cs_map.flatten(2).mean(-1)  # (J, C)
+        factors.append(per_channel.relu() if spec.clamp_negative else per_channel)
+    stacked = torch.stack(factors)  # (levels, J, C)
+    if spec.levels == 1:
+        return stacked[0].mean(-1)
+    return torch.prod(stacked ** weights.view(-1, 1, 1), dim=0).mean(-1)
+
+
+def similarity(x: torch.Tensor, y: torch.Tensor, metric: Metric = "ms_ssim", *, data_range: float) -> torch.Tensor:
+    """One score per pair (x[i], y[i]); equals pytorch_msssim with size_average=False."""
+    spec = spec_for(metric, data_range)
+    check_images(x, spec, "x")
+    check_images(y, spec, "y")
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    idx = torch.arange(x.shape[0], device=x.device)
+    return pair_scores(image_stats(x, spec), idx, image_stats(y, spec), idx, spec)
+
+
+def ms_ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float) -> torch.Tensor:
+    return similarity(x, y, "ms_ssim", data_range=data_range)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float) -> torch.Tensor:
+    return similarity(x, y, "ssim", data_range=data_range)
