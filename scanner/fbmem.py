@@ -78,14 +78,18 @@ def _check_inputs(gen, ref, gen_fg, ref_fg, pairs, tau, beta, metric) -> torch.T
     check_images(gen, spec, "gen")
     check_images(ref, spec, "ref")
     if gen.shape[1:] != ref.shape[1:]:
-        raise ValueError(f"gen and ref must share (C, H, W), got {tuple(gen.shape[1:])} and {tuple(ref.shape[1:])}")
+        raise ValueError(
+            f"gen and ref must share (C, H, W), got {tuple(gen.shape[1:])} and {tuple(ref.shape[1:])}"
+        )
     if float(gen.min()) < 0 or float(gen.max()) > 1 or float(ref.min()) < 0 or float(ref.max()) > 1:
         raise ValueError("images must be in [0, 1] (data range 1); rescale 8-bit data by 1/255")
     for name, mask, images in (("gen_fg", gen_fg, gen), ("ref_fg", ref_fg, ref)):
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"{name} must be a boolean torch.Tensor (True = foreground)")
         if mask.shape != (images.shape[0], *images.shape[2:]):
-            raise ValueError(f"{name} must have shape {(images.shape[0], *images.shape[2:])}, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"{name} must have shape {(images.shape[0], *images.shape[2:])}, got {tuple(mask.shape)}"
+            )
     if not 0 < tau <= 1:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
     if not 0 <= beta < 0.5:
@@ -95,10 +99,16 @@ def _check_inputs(gen, ref, gen_fg, ref_fg, pairs, tau, beta, metric) -> torch.T
         return torch.stack([g.flatten(), r.flatten()], dim=1)
     pairs = torch.as_tensor(pairs)
     if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.is_floating_point():
-        raise ValueError(f"pairs must be an integer tensor of shape (P, 2), got {tuple(pairs.shape)} {pairs.dtype}")
+        raise ValueError(
+            f"pairs must be an integer tensor of shape (P, 2), got {tuple(pairs.shape)} {pairs.dtype}"
+        )
     pairs = pairs.long()
-    if pairs.numel() and (pairs.min() < 0 or pairs[:, 0].max() >= gen.shape[0] or pairs[:, 1].max() >= ref.shape[0]):
-        raise ValueError(f"pairs index out of range: {gen.shape[0]} generations, {ref.shape[0]} references")
+    if pairs.numel() and (
+        pairs.min() < 0 or pairs[:, 0].max() >= gen.shape[0] or pairs[:, 1].max() >= ref.shape[0]
+    ):
+        raise ValueError(
+            f"pairs index out of range: {gen.shape[0]} generations, {ref.shape[0]} references"
+        )
     return pairs
 
 
@@ -147,9 +157,15 @@ def select_matches(scores: PairScores) -> dict[int, int]:
     go to the lower reference index, so the choice never depends on candidate order.
     """
     decide = np.select(
-        [scores.label == "FM", scores.label == "BM"], [scores.m_fg, scores.m_bg], default=scores.m_full
+        [scores.label == "FM", scores.label == "BM"],
+        [scores.m_fg, scores.m_bg],
+        default=scores.m_full,
     )
-    severity = np.vectorize(SEVERITY.__getitem__, otypes=[np.int64])(scores.label) if len(scores) else np.array([])
+    severity = (
+        np.vectorize(SEVERITY.__getitem__, otypes=[np.int64])(scores.label)
+        if len(scores)
+        else np.array([])
+    )
     # Sort by generation, then severity (most severe first), then score (highest first), then ref index.
     order = np.lexsort((scores.pairs[:, 1], -decide, severity, scores.pairs[:, 0]))
     first = np.ones(len(order), dtype=bool)

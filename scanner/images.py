@@ -66,7 +66,9 @@ def _to_float(img: Image.Image, name: str) -> np.ndarray:
             raise ImageError(f"{name}: 32-bit integer image with values outside 0..65535")
         return (arr / 65535.0).astype(np.float32)[..., None]
     if mode == "F":
-        raise ImageError(f"{name}: floating-point images (mode F) have no defined range; save as 8 or 16-bit")
+        raise ImageError(
+            f"{name}: floating-point images (mode F) have no defined range; save as 8 or 16-bit"
+        )
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         # Transparent pixels are composited on white, as image-dataset tools do for LAION.
         rgba = img.convert("RGBA")

@@ -38,8 +38,16 @@ BRANCH_NAMES = ("small_fg", "large_fg", "balanced")
 # (generation variant, reference variant) for the full, foreground and background scores.
 REGION_VARIANTS = torch.tensor(
     [
-        [[WHOLE, WHOLE], [WHOLE, FG], [BG, BG]],  # p <= beta: tiny foreground, compare fg against the whole gen
-        [[WHOLE, WHOLE], [FG, FG], [WHOLE, BG]],  # p >= 1 - beta: fg fills the gen, bg against the whole gen
+        [
+            [WHOLE, WHOLE],
+            [WHOLE, FG],
+            [BG, BG],
+        ],  # p <= beta: tiny foreground, compare fg against the whole gen
+        [
+            [WHOLE, WHOLE],
+            [FG, FG],
+            [WHOLE, BG],
+        ],  # p >= 1 - beta: fg fills the gen, bg against the whole gen
         [[WHOLE, WHOLE], [FG, FG], [BG, BG]],  # otherwise
     ]
 )
@@ -53,7 +61,9 @@ class EngineConfig:
     ref_tile: int | None = None  # references whose statistics are cached together
     pair_batch: int | None = None  # region comparisons (3 per pair) filtered in one call
     memory_fraction: float = 0.5  # share of the device's free memory the engine may plan for
-    storage: Storage = "float32"  # dtype of cached image pyramids; means, variances and arithmetic stay fp32
+    storage: Storage = (
+        "float32"  # dtype of cached image pyramids; means, variances and arithmetic stay fp32
+    )
 
     def __post_init__(self) -> None:
         for name in ("gen_tile", "ref_tile", "pair_batch"):
@@ -81,7 +91,9 @@ class TilePlan:
     pair_batch: int
 
 
-def plan_tiles(config: EngineConfig, shape: tuple[int, int, int], device: torch.device, itemsize: int) -> TilePlan:
+def plan_tiles(
+    config: EngineConfig, shape: tuple[int, int, int], device: torch.device, itemsize: int
+) -> TilePlan:
     """Choose tile sizes so cached statistics and one job batch fit the memory budget.
 
     An image variant caches, at every scale, the image, its mean and its variance: with the
@@ -104,13 +116,17 @@ def plan_tiles(config: EngineConfig, shape: tuple[int, int, int], device: torch.
     )
 
 
-def variant_stats(images: torch.Tensor, fg: torch.Tensor, spec: SSIMSpec, storage: torch.dtype) -> list:
+def variant_stats(
+    images: torch.Tensor, fg: torch.Tensor, spec: SSIMSpec, storage: torch.dtype
+) -> list:
     """Statistics of whole, fg-masked and bg-masked variants; row i*3 + v is image i, variant v."""
     images = images.to(torch.promote_types(images.dtype, torch.float32))
     m = fg.unsqueeze(1).to(images.dtype)
     variants = torch.stack([images, images * m, images * (1 - m)], dim=1)  # (N, 3, C, H, W)
     stats = image_stats(variants.flatten(0, 1), spec)
-    return [level.with_image_dtype(storage) for level in stats] if storage != images.dtype else stats
+    return (
+        [level.with_image_dtype(storage) for level in stats] if storage != images.dtype else stats
+    )
 
 
 def region_scores(
@@ -129,7 +145,9 @@ def region_scores(
     of every generation. Inputs are validated by the caller (`scanner.fbmem.score_pairs`).
     """
     device = gen.device
-    out = torch.empty(pairs.shape[0], 3, dtype=torch.promote_types(gen.dtype, torch.float32), device=device)
+    out = torch.empty(
+        pairs.shape[0], 3, dtype=torch.promote_types(gen.dtype, torch.float32), device=device
+    )
     if pairs.shape[0] == 0:
         return out
     plan = plan_tiles(config, tuple(gen.shape[1:]), device, gen.element_size())

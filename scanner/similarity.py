@@ -43,7 +43,9 @@ class SSIMSpec:
     @property
     def min_side(self) -> int:
         """Smallest shorter side accepted (pytorch-msssim asserts side > (win-1) * 2**(levels-1))."""
-        return (self.win_size - 1) * 2 ** (self.levels - 1) + 1 if self.levels > 1 else self.win_size
+        return (
+            (self.win_size - 1) * 2 ** (self.levels - 1) + 1 if self.levels > 1 else self.win_size
+        )
 
 
 def spec_for(metric: Metric, data_range: float = 1.0) -> SSIMSpec:
@@ -149,13 +151,17 @@ def pair_scores(
     return torch.prod(stacked ** weights.view(-1, 1, 1), dim=0).mean(-1)
 
 
-def similarity(x: torch.Tensor, y: torch.Tensor, metric: Metric = "ms_ssim", *, data_range: float) -> torch.Tensor:
+def similarity(
+    x: torch.Tensor, y: torch.Tensor, metric: Metric = "ms_ssim", *, data_range: float
+) -> torch.Tensor:
     """One score per pair (x[i], y[i]); equals pytorch_msssim with size_average=False."""
     spec = spec_for(metric, data_range)
     check_images(x, spec, "x")
     check_images(y, spec, "y")
     if x.shape != y.shape:
-        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     idx = torch.arange(x.shape[0], device=x.device)
     return pair_scores(image_stats(x, spec), idx, image_stats(y, spec), idx, spec)
 

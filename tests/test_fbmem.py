@@ -41,22 +41,34 @@ def scene():
     """Generations covering all three branches against references with known copies."""
     from tests.conftest import photo
 
-    astro, coffee, chelsea, rocket = (photo(n, S) for n in ("astronaut", "coffee", "chelsea", "rocket"))
+    astro, coffee, chelsea, rocket = (
+        photo(n, S) for n in ("astronaut", "coffee", "chelsea", "rocket")
+    )
     fg_ref = box(40, 50, 100, 90)
     ref0 = torch.where(fg_ref, astro, coffee)  # astronaut patch on coffee
     ref1 = torch.where(fg_ref, coffee, chelsea)
-    gen_fg = torch.stack([
-        box(40, 50, 100, 90),  # balanced
-        box(0, 0, 5, 5),  # p = 25 / 192^2 <= 0.03: small_fg
-        ~box(0, 0, 10, 10),  # p >= 0.97: large_fg
-        box(40, 50, 100, 90),  # balanced
-    ])
-    gens = torch.stack([
-        torch.where(fg_ref, astro, rocket),  # ref0's foreground on a new background: FM against ref0
-        (coffee + 0.02 * torch.randn_like(coffee)).clamp(0, 1),  # near-copy of ref0's background
-        chelsea,
-        torch.where(fg_ref, rocket, coffee),  # ref0's background with a new foreground: BM against ref0
-    ])
+    gen_fg = torch.stack(
+        [
+            box(40, 50, 100, 90),  # balanced
+            box(0, 0, 5, 5),  # p = 25 / 192^2 <= 0.03: small_fg
+            ~box(0, 0, 10, 10),  # p >= 0.97: large_fg
+            box(40, 50, 100, 90),  # balanced
+        ]
+    )
+    gens = torch.stack(
+        [
+            torch.where(
+                fg_ref, astro, rocket
+            ),  # ref0's foreground on a new background: FM against ref0
+            (coffee + 0.02 * torch.randn_like(coffee)).clamp(
+                0, 1
+            ),  # near-copy of ref0's background
+            chelsea,
+            torch.where(
+                fg_ref, rocket, coffee
+            ),  # ref0's background with a new foreground: BM against ref0
+        ]
+    )
     refs = torch.stack([ref0, ref1])
     ref_fg = torch.stack([fg_ref, fg_ref])
     return gens, refs, gen_fg, ref_fg
@@ -72,14 +84,27 @@ def test_label_order_and_tau_boundary():
     m_full = np.array([0.8, 0.79999, 0.9, 0.1, 0.1, 0.1, 0.5])
     m_fg = np.array([0.1, 0.8, 0.9, 0.85, 0.1, 0.79, 0.95])
     m_bg = np.array([0.1, 0.9, 0.9, 0.9, 0.8, 0.79, 0.95])
-    assert classify(m_full, m_fg, m_bg, tau=0.8).tolist() == ["VM", "FM", "VM", "FM", "BM", "NM", "FM"]
+    assert classify(m_full, m_fg, m_bg, tau=0.8).tolist() == [
+        "VM",
+        "FM",
+        "VM",
+        "FM",
+        "BM",
+        "NM",
+        "FM",
+    ]
     assert classify(m_full, m_fg, m_bg, tau=0.96).tolist() == ["NM"] * 7
 
 
 def test_all_branches_match_the_literal_algorithm(scene):
     gens, refs, gen_fg, ref_fg = scene
     res = score_pairs(gens, refs, gen_fg, ref_fg)
-    assert res.branch.reshape(4, 2)[:, 0].tolist() == ["balanced", "small_fg", "large_fg", "balanced"]
+    assert res.branch.reshape(4, 2)[:, 0].tolist() == [
+        "balanced",
+        "small_fg",
+        "large_fg",
+        "balanced",
+    ]
     for i, (g, r) in enumerate(res.pairs):
         expected = oracle(gens[g], refs[r], gen_fg[g], ref_fg[r])
         got = (res.m_full[i], res.m_fg[i], res.m_bg[i])
@@ -106,14 +131,20 @@ def test_identical_pair_is_verbatim(photos):
 
 @pytest.mark.parametrize(
     "engine",
-    [EngineConfig(gen_tile=1, ref_tile=1, pair_batch=1), EngineConfig(gen_tile=3, ref_tile=2, pair_batch=5), EngineConfig()],
+    [
+        EngineConfig(gen_tile=1, ref_tile=1, pair_batch=1),
+        EngineConfig(gen_tile=3, ref_tile=2, pair_batch=5),
+        EngineConfig(),
+    ],
 )
 def test_tiles_and_sparse_pairs_equal_dense(scene, engine):
     gens, refs, gen_fg, ref_fg = scene
     refs = torch.cat([refs, refs.flip(0), refs[:1]])  # 5 references: tiles that do not divide
     ref_fg = torch.cat([ref_fg, ref_fg.flip(0), ref_fg[:1]])
     dense = score_pairs(gens, refs, gen_fg, ref_fg)
-    pairs = torch.tensor([[3, 4], [0, 0], [2, 1], [0, 3], [3, 0], [1, 2], [0, 0]])  # unsorted, repeated
+    pairs = torch.tensor(
+        [[3, 4], [0, 0], [2, 1], [0, 3], [3, 0], [1, 2], [0, 0]]
+    )  # unsorted, repeated
     sparse = score_pairs(gens, refs, gen_fg, ref_fg, pairs, engine=engine)
     rows = pairs[:, 0] * 5 + pairs[:, 1]
     for field in ("m_full", "m_fg", "m_bg"):
@@ -141,23 +172,30 @@ def _scores(rows):
     pairs, m_full, m_fg, m_bg, labels = zip(*rows)
     n = len(rows)
     return PairScores(
-        pairs=np.array(pairs), m_full=np.array(m_full), m_fg=np.array(m_fg), m_bg=np.array(m_bg),
-        fg_fraction=np.full(n, 0.5), branch=np.array(["balanced"] * n), label=np.array(labels),
+        pairs=np.array(pairs),
+        m_full=np.array(m_full),
+        m_fg=np.array(m_fg),
+        m_bg=np.array(m_bg),
+        fg_fraction=np.full(n, 0.5),
+        branch=np.array(["balanced"] * n),
+        label=np.array(labels),
     )
 
 
 def test_match_is_most_severe_then_best_deciding_score():
-    scores = _scores([
-        ((0, 0), 0.5, 0.85, 0.9, "FM"),
-        ((0, 1), 0.6, 0.82, 0.99, "FM"),  # higher M_bg but FM is decided by M_fg
-        ((0, 2), 0.7, 0.5, 0.95, "BM"),  # less severe
-        ((1, 0), 0.3, 0.2, 0.1, "NM"),
-        ((1, 1), 0.4, 0.2, 0.1, "NM"),  # NM decided by M_full: the highest
-        ((2, 3), 0.81, 0.1, 0.1, "VM"),
-        ((2, 4), 0.5, 0.9, 0.9, "FM"),
-        ((3, 5), 0.6, 0.9, 0.1, "FM"),
-        ((3, 2), 0.6, 0.9, 0.1, "FM"),  # exact tie: lower reference index wins
-    ])
+    scores = _scores(
+        [
+            ((0, 0), 0.5, 0.85, 0.9, "FM"),
+            ((0, 1), 0.6, 0.82, 0.99, "FM"),  # higher M_bg but FM is decided by M_fg
+            ((0, 2), 0.7, 0.5, 0.95, "BM"),  # less severe
+            ((1, 0), 0.3, 0.2, 0.1, "NM"),
+            ((1, 1), 0.4, 0.2, 0.1, "NM"),  # NM decided by M_full: the highest
+            ((2, 3), 0.81, 0.1, 0.1, "VM"),
+            ((2, 4), 0.5, 0.9, 0.9, "FM"),
+            ((3, 5), 0.6, 0.9, 0.1, "FM"),
+            ((3, 2), 0.6, 0.9, 0.1, "FM"),  # exact tie: lower reference index wins
+        ]
+    )
     assert select_matches(scores) == {0: 0, 1: 4, 2: 5, 3: 8}
 
 

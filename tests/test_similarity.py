@@ -67,7 +67,9 @@ def test_cached_statistics_pair_any_to_any(photos):
     ia = torch.tensor([0, 0, 1, 3, 2])
     ib = torch.tensor([1, 2, 3, 0, 2])
     expected = pytorch_msssim.ms_ssim(imgs[ia], imgs[ib], data_range=1.0, size_average=False)
-    torch.testing.assert_close(pair_scores(stats, ia, stats, ib, spec), expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        pair_scores(stats, ia, stats, ib, spec), expected, atol=1e-10, rtol=0
+    )
 
 
 def test_identical_images_score_one(photos):
@@ -87,7 +89,12 @@ def test_data_range_is_mandatory():
         (torch.rand(1, 3, 160, 160), torch.rand(1, 3, 160, 160), ValueError, "at least 161"),
         (torch.rand(1, 3, 192, 192), torch.rand(1, 3, 200, 200), ValueError, "same shape"),
         (torch.rand(3, 192, 192), torch.rand(3, 192, 192), ValueError, r"\(N, C, H, W\)"),
-        (torch.zeros(1, 3, 192, 192, dtype=torch.uint8), torch.zeros(1, 3, 192, 192, dtype=torch.uint8), TypeError, "floating"),
+        (
+            torch.zeros(1, 3, 192, 192, dtype=torch.uint8),
+            torch.zeros(1, 3, 192, 192, dtype=torch.uint8),
+            TypeError,
+            "floating",
+        ),
     ],
 )
 def test_bad_inputs_raise_clear_errors(x, y, err, match):

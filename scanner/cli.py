@@ -1,0 +1,167 @@
+"""The `fbmem` command: thin argument parsing over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU
+from scanner.images import DEFAULT_SIZE
+from scanner.similarity import METRICS
+
+
+def _add_fbmem_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tau",
+        type=float,
+        default=DEFAULT_TAU,
+        help="similarity threshold (default %(default)s, the paper's MS-SSIM verbatim threshold)",
+    )
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=DEFAULT_BETA,
+        help="foreground-fraction threshold of Algorithm 1 (default %(default)s)",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=DEFAULT_SIZE,
+        help="canonical square size in px (default %(default)s)",
+    )
+    p.add_argument("--metric", choices=METRICS, default="ms_ssim")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+
+
+def _add_segmenter_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--segmenter",
+        choices=("classical", "birefnet"),
+        default="classical",
+        help="foreground segmenter for images without a mask",
+    )
+    p.add_argument(
+        "--birefnet",
+        metavar="PATH",
+        help="local BiRefNet folder or model id (with --segmenter birefnet)",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the model's own Python code to run (BiRefNet needs it)",
+    )
+
+
+def _segmenter(args):
+    from scanner.segment import SegmenterConfig, make_segmenter
+
+    return make_segmenter(
+        SegmenterConfig(
+            kind=args.segmenter,
+            birefnet_path=args.birefnet,
+            trust_remote_code=args.trust_remote_code,
+            device=args.device,
+        )
+    )
+
+
+def _print_table(records: list[dict]) -> None:
+    head = f"{'gen':<28} {'ref':<28} {'label':<5} {'M_full':>7} {'M_fg':>7} {'M_bg':>7} {'p_fg':>6}  branch"
+    print(head)
+    print("-" * len(head))
+    for r in records:
+        gen, ref = Path(r["gen"]).name[-28:], Path(r["ref"]).name[-28:]
+        if "error" in r:
+            print(f"{gen:<28} {ref:<28} ERROR {r['error']}")
+        else:
+            print(
+                f"{gen:<28} {ref:<28} {r['label']:<5} {r['m_full']:7.4f} {r['m_fg']:7.4f} {r['m_bg']:7.4f} {r['fg_fraction']:6.3f}  {r['branch']}"
+            )
+
+
+def cmd_compare(args) -> int:
+    from scanner.compare import CompareOptions, PairSpec, compare_pairs, read_pairs_csv
+
+    if args.pairs:
+        if args.gen or args.ref or args.gen_mask or args.ref_mask:
+            raise ValueError("give either GEN REF [--gen-mask --ref-mask] or --pairs CSV, not both")
+        specs = read_pairs_csv(args.pairs)
+    elif args.gen and args.ref:
+        specs = [PairSpec(args.gen, args.ref, args.gen_mask, args.ref_mask)]
+    else:
+        raise ValueError("give two images (GEN REF) or --pairs CSV")
+    options = CompareOptions(
+        tau=args.tau, beta=args.beta, size=args.size, metric=args.metric, device=args.device
+    )
+    needs_segmenter = any(s.gen_mask is None or s.ref_mask is None for s in specs)
+    records = compare_pairs(specs, options, _segmenter(args) if needs_segmenter else None)
+    if args.json or not sys.stdout.isatty():
+        for r in records:
+            print(json.dumps(r))
+    else:
+        _print_table(records)
+    return 1 if any("error" in r for r in records) else 0
+
+
+def cmd_demo(args) -> int:
+    from scanner.demo import run_demo
+
+    run_demo(Path(args.out), size=args.size, device=args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fbmem",
+        description="Foreground/background memorization scanner for diffusion models (FB-Mem).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compare", help="Algorithm 1 on one pair of images, or on many from a CSV")
+    p.add_argument("gen", nargs="?", help="generated image")
+    p.add_argument("ref", nargs="?", help="training (reference) image")
+    p.add_argument(
+        "--gen-mask", help="foreground mask of GEN (white = foreground); segmented when absent"
+    )
+    p.add_argument("--ref-mask", help="foreground mask of REF")
+    p.add_argument(
+        "--pairs",
+        metavar="CSV",
+        help="CSV with columns gen, ref [, gen_mask, ref_mask], paths relative to the CSV",
+    )
+    p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
+    _add_fbmem_options(p)
+    _add_segmenter_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "demo",
+        help="build the replication set and label it with Algorithm 1 (true and segmented masks)",
+    )
+    p.add_argument(
+        "--out", default="scans/demo-compare", help="output folder (default %(default)s)"
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=256,
+        help="canonical size for the demo (default %(default)s, fast on CPU)",
+    )
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad arguments or inputs: one clear line, no traceback
+        print(f"fbmem {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
