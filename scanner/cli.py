@@ -12,7 +12,7 @@ from scanner.images import DEFAULT_SIZE
 from scanner.similarity import METRICS
 
 
-def _add_fbmem_options(p: argparse.ArgumentParser) -> None:
+def _add_fbmem_options(p: argparse.ArgumentParser, size: bool = True) -> None:
     p.add_argument(
         "--tau",
         type=float,
@@ -25,12 +25,13 @@ def _add_fbmem_options(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_BETA,
         help="foreground-fraction threshold of Algorithm 1 (default %(default)s)",
     )
-    p.add_argument(
-        "--size",
-        type=int,
-        default=DEFAULT_SIZE,
-        help="canonical square size in px (default %(default)s)",
-    )
+    if size:  # scans take the size of their reference store
+        p.add_argument(
+            "--size",
+            type=int,
+            default=DEFAULT_SIZE,
+            help="canonical square size in px (default %(default)s)",
+        )
     p.add_argument("--metric", choices=METRICS, default="ms_ssim")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
 
@@ -112,6 +113,65 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _segmenter_config(args):
+    from scanner.segment import SegmenterConfig
+
+    return SegmenterConfig(
+        kind=args.segmenter,
+        birefnet_path=args.birefnet,
+        trust_remote_code=args.trust_remote_code,
+        device=args.device,
+    )
+
+
+def cmd_build_reference(args) -> int:
+    from scanner.embed import EmbedConfig
+    from scanner.reference import ReferenceConfig, build_reference
+
+    embed = EmbedConfig(
+        image_kind="clip" if args.clip else "pixels", clip_path=args.clip, device=args.device
+    )
+    config = ReferenceConfig(
+        size=args.size,
+        segmenter=_segmenter_config(args),
+        embed=embed,
+        shard_size=args.shard_size,
+        exact_limit=args.exact_limit,
+    )
+    manifest = build_reference(args.src, args.out, config, overwrite=args.overwrite)
+    rows = manifest["rows"]
+    print(
+        f"reference store {args.out}: {rows['references']} references, {rows['errors']} errors, index {manifest['index']}, embedder {manifest['embedder']}"
+    )
+    return 0
+
+
+def cmd_scan_images(args) -> int:
+    from scanner.scan import ScanConfig, scan_images
+
+    config = ScanConfig(
+        reference=args.reference,
+        top_k=args.top_k,
+        tau=args.tau,
+        beta=args.beta,
+        metric=args.metric,
+        segmenter=_segmenter_config(args),
+        device=args.device,
+        shard_size=args.shard_size,
+    )
+    manifest = scan_images(args.gen, args.out, config, overwrite=args.overwrite)
+    from scanner.store import ShardedTables
+
+    labels = (
+        ShardedTables(args.out, ["labels"]).read("labels", ["label"]).column("label").to_pylist()
+    )
+    counts = {k: labels.count(k) for k in ("VM", "FM", "BM", "NM")}
+    print(
+        f"scan {args.out}: {manifest['rows']['generations']} generations, {manifest['rows']['errors']} errors; labels {counts}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fbmem",
@@ -135,6 +195,53 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fbmem_options(p)
     _add_segmenter_options(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "build-reference",
+        help="build a reference store (images, masks, embeddings, index) from training images",
+    )
+    p.add_argument(
+        "src",
+        help="folder of images (captions from sidecar .txt files) or CSV/Parquet with path [, caption, ref_id]",
+    )
+    p.add_argument("--out", required=True, help="reference store folder")
+    p.add_argument(
+        "--size", type=int, default=DEFAULT_SIZE, help="canonical size (default %(default)s)"
+    )
+    p.add_argument(
+        "--clip",
+        metavar="PATH",
+        help="CLIP model folder or id for the prefilter (default: weightless pixel embedding)",
+    )
+    p.add_argument("--shard-size", type=int, default=256, help="references per resumable shard")
+    p.add_argument(
+        "--exact-limit",
+        type=int,
+        default=1_000_000,
+        help="exact index up to this many references, IVF-PQ above (default %(default)s)",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
+    _add_segmenter_options(p)
+    p.set_defaults(func=cmd_build_reference)
+
+    p = sub.add_parser(
+        "scan-images", help="scan generated images against a reference store into a scan directory"
+    )
+    p.add_argument(
+        "gen",
+        help="folder of generated images or CSV/Parquet with path [, prompt, prompt_id, gen_idx, method]",
+    )
+    p.add_argument("--reference", required=True, help="reference store folder")
+    p.add_argument("--out", required=True, help="scan directory")
+    p.add_argument(
+        "--top-k", type=int, default=16, help="prefilter candidates per generation; 0 = exhaustive"
+    )
+    p.add_argument("--shard-size", type=int, default=256, help="generations per resumable shard")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing scan at --out")
+    _add_fbmem_options(p, size=False)
+    _add_segmenter_options(p)
+    p.set_defaults(func=cmd_scan_images)
 
     p = sub.add_parser(
         "demo",

@@ -1,0 +1,188 @@
+"""The reference store: training images at the canonical size, their masks, embeddings and
+the prefilter index, built once and opened by path (memory-mapped) by every scan.
+
+Layout: `references/` and `errors/` (sharded Parquet, see `scanner.store`), `index/` (the
+`CandidateIndex`), `manifest.json`. A row's position in shard order is its index row, so
+the index returns positions and the store maps them to `ref_id`s and pixels.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from scanner.driver import Progress, ShardCollector, run_local, split_shards
+from scanner.embed import EmbedConfig
+from scanner.images import DEFAULT_SIZE, check_size, decode_mask_png, load_image
+from scanner.segment import SegmenterConfig
+from scanner.sources import list_images
+from scanner.stages import Embed, LoadImages, Segment, error_json
+from scanner.store import ShardedTables, config_digest, package_versions, write_manifest
+
+TABLES = ("references", "errors")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    size: int = DEFAULT_SIZE  # canonical size of stored images (the paper's 512)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    shard_size: int = 256  # references per resumable shard
+    batch_size: int = 32  # images per stage call
+    exact_limit: int = (
+        1_000_000  # exact inner-product index up to this many references, IVF-PQ above
+    )
+
+    def __post_init__(self) -> None:
+        check_size(self.size)
+
+
+def reference_items(src: str | Path):
+    """Work items of a reference build: ref_id (relative path unless given), caption, source."""
+    table = list_images(src, "caption")
+    ref_ids = table["ref_id"].astype(str) if "ref_id" in table.columns else table["rel"]
+    items = table.assign(item_id=ref_ids.to_numpy(), source=table["path"])[
+        ["item_id", "caption", "source"]
+    ]
+    items = items.reset_index(drop=True)
+    items["error"] = ""
+    dup = items["item_id"].duplicated()
+    for i in np.flatnonzero(dup.to_numpy()):
+        items.loc[i, "error"] = error_json(
+            "list",
+            ValueError(
+                f"duplicate ref_id {items.loc[i, 'item_id']!r}; the first occurrence is kept"
+            ),
+        )
+    return items
+
+
+def _reference_rows(batch: dict):
+    from scanner.driver import error_row
+    from scanner.images import encode_png
+
+    for i in range(len(batch["item_id"])):
+        if batch["error"][i]:
+            yield batch["shard"][i], {"errors": [error_row(batch, i)]}
+            continue
+        yield (
+            batch["shard"][i],
+            {
+                "references": [
+                    {
+                        "ref_id": str(batch["item_id"][i]),
+                        "caption": str(batch["caption"][i]),
+                        "source": str(batch["source"][i]),
+                        "image": encode_png(batch["image"][i].astype(np.float32) / 255.0),
+                        "fg_mask": encode_png(batch["fg_mask"][i]),
+                        "fg_fraction": float(batch["fg_fraction"][i]),
+                        "embedding": batch["embedding"][i].tolist(),
+                    }
+                ]
+            },
+        )
+
+
+def build_reference(
+    src: str | Path,
+    out: str | Path,
+    config: ReferenceConfig = ReferenceConfig(),
+    overwrite: bool = False,
+) -> dict:
+    """Build (or resume building) a reference store; returns its manifest."""
+    from scanner.retrieve import CandidateIndex
+
+    out = Path(out)
+    started = time.time()
+    items = reference_items(src)
+    resolved = asdict(config)
+    tables = ShardedTables(out, TABLES)
+    tables.prepare(config_digest({"src": str(Path(src).resolve()), **resolved}), overwrite)
+    shards = split_shards(items, config.shard_size)
+    pending = [(s, part) for s, part in shards if not tables.is_done(s)]
+    done_items = len(items) - sum(len(p) for _, p in pending)
+    progress = Progress(len(items), done_items, "img", "references")
+    collector = ShardCollector(tables, {s: len(p) for s, p in pending}, _reference_rows, progress)
+    stages = [LoadImages(config.size), Segment(config.segmenter), Embed(config.embed)]
+    run_local(pending, stages, config.batch_size, collector)
+    seconds = progress.close()
+
+    embeddings = (
+        tables.read("references", ["embedding"]).column("embedding").to_numpy(zero_copy_only=False)
+    )
+    matrix = (
+        np.stack(embeddings).astype(np.float32)
+        if len(embeddings)
+        else np.zeros((0, stages[2].embedder.dim), np.float32)
+    )
+    index = CandidateIndex.build(matrix, exact_limit=config.exact_limit) if len(matrix) else None
+    if index is not None:
+        index.save(out / "index")
+    manifest = {
+        "kind": "reference-store",
+        "source": str(src),
+        "config": resolved,
+        "segmenter": stages[1].segmenter.name,
+        "embedder": stages[2].embedder.name,
+        "index": index.kind if index is not None else None,
+        "versions": package_versions(),
+        "started": started,
+        "finished": time.time(),
+        "seconds_this_run": round(seconds, 2),
+        "rows": {t: tables.count(t) for t in TABLES},
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+class ReferenceStore:
+    """Read side of a reference store: ref ids, the index, and pixels by row on demand."""
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        from scanner.retrieve import CandidateIndex
+
+        self.root = Path(path)
+        if not (self.root / "manifest.json").exists():
+            raise ValueError(
+                f"{self.root}: not a reference store (no manifest.json); build one with `fbmem build-reference`"
+            )
+        self.manifest = json.loads((self.root / "manifest.json").read_text())
+        self.image_size = self.manifest["config"]["size"]
+        tables = ShardedTables(self.root, TABLES)
+        self.parts = [self.root / "references" / f"{s}.parquet" for s in tables.done_shards()]
+        self.parts = [p for p in self.parts if p.exists()]
+        counts = [pq.ParquetFile(p).metadata.num_rows for p in self.parts]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.ref_ids = tables.read("references", ["ref_id"]).column("ref_id").to_pylist()
+        self.index = (
+            CandidateIndex.load(self.root / "index", device=device) if self.ref_ids else None
+        )
+        self._row_group = lru_cache(maxsize=64)(self._read_row_group)
+
+    def __len__(self) -> int:
+        return len(self.ref_ids)
+
+    def _read_row_group(self, part: int, group: int):
+        return pq.ParquetFile(self.parts[part]).read_row_group(group, columns=["image", "fg_mask"])
+
+    def load(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3, S, S) float image in [0, 1] and (S, S) bool mask of reference row `row`."""
+        part = bisect.bisect_right(self.offsets, row) - 1
+        local = row - int(self.offsets[part])
+        meta = pq.ParquetFile(self.parts[part]).metadata
+        group, start = 0, 0
+        while start + meta.row_group(group).num_rows <= local:
+            start += meta.row_group(group).num_rows
+            group += 1
+        table = self._row_group(part, group)
+        image = load_image(table.column("image")[local - start].as_py(), self.image_size)
+        mask = decode_mask_png(table.column("fg_mask")[local - start].as_py())
+        return torch.from_numpy(image), torch.from_numpy(mask)

@@ -1,0 +1,244 @@
+"""The scan's stages: each maps a batch (dict of numpy columns) to a batch, without Ray.
+
+generate | load  ->  segment  ->  embed  ->  match
+
+The same classes run in-process (`scanner.scan`) and as Ray actors (`actors/`). A batch
+carries an `error` column: a stage that cannot process a row records why (as JSON with
+the stage, error type and message) and later stages pass the row through untouched, so the
+driver can write it to the `errors` table instead of losing it. Pixels travel as uint8
+(B, 3, S, S), the exact content of the PNG the tables store, so every score can be
+recomputed from the tables.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU, score_pairs, select_matches
+from scanner.images import ImageError, encode_png, load_image
+from scanner.similarity import Metric
+
+Batch = dict[str, np.ndarray]
+
+
+def error_json(stage: str, exc: BaseException) -> str:
+    return json.dumps({"stage": stage, "error_type": type(exc).__name__, "message": str(exc)})
+
+
+def ok_rows(batch: Batch) -> np.ndarray:
+    return np.flatnonzero(batch["error"] == "")
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    return (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32) / 255.0
+
+
+class LoadImages:
+    """Reads image files (column `source`) at the canonical size: the replay of a scan."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch["source"])
+        images = np.zeros((n, 3, self.size, self.size), dtype=np.uint8)
+        errors = batch["error"].copy()
+        for i in ok_rows(batch):
+            try:
+                images[i] = to_uint8(load_image(str(batch["source"][i]), self.size))
+            except ImageError as exc:
+                errors[i] = error_json("load", exc)
+        return {**batch, "image": images, "error": errors}
+
+
+class Generate:
+    """Generates each row's image with the diffusion model, with its neuron set scaled.
+
+    Rows carry `neurons` (JSON list of [layer, channel], "" for none) and `alpha` (the
+    scale of those channels: 0 deactivates, 0.1 / 0.2 dampen), so one batch can mix methods.
+    """
+
+    def __init__(self, config):
+        from scanner.generate import Generator
+        from scanner.neurons import value_layers
+
+        self.generator = Generator(config)
+        self.layers = value_layers(self.generator.unet)
+        self.size = config.size
+
+    def _scales(self, neurons: list[list], alphas: np.ndarray) -> dict[int, torch.Tensor] | None:
+        if not any(neurons):
+            return None
+        sizes = {layer.index: layer.size for layer in self.layers}
+        scales: dict[int, torch.Tensor] = {}
+        for row, chosen in enumerate(neurons):
+            for layer, channel in chosen:
+                if layer not in sizes or not 0 <= channel < sizes[layer]:
+                    raise ValueError(f"neuron ({layer}, {channel}) does not exist in this UNet")
+                scales.setdefault(layer, torch.ones(len(neurons), sizes[layer]))[row, channel] = (
+                    float(alphas[row])
+                )
+        return scales
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch["prompt"])
+        images = np.zeros((n, 3, self.size, self.size), dtype=np.uint8)
+        errors = batch["error"].copy()
+        rows = ok_rows(batch)
+        if len(rows):
+            neurons = [json.loads(batch["neurons"][i]) if batch["neurons"][i] else [] for i in rows]
+            try:
+                scales = self._scales(neurons, batch["alpha"][rows])
+                out = self.generator(
+                    [str(batch["prompt"][i]) for i in rows],
+                    batch["prompt_id"][rows].tolist(),
+                    batch["gen_idx"][rows].tolist(),
+                    neuron_scales=scales,
+                )
+                images[rows] = to_uint8(out)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                for i in rows:
+                    errors[i] = error_json("generate", exc)
+        return {**batch, "image": images, "error": errors}
+
+
+class Segment:
+    """Foreground masks and fractions (Algorithm 1's S_f and p)."""
+
+    def __init__(self, config):
+        from scanner.segment import make_segmenter
+
+        self.segmenter = make_segmenter(config)
+
+    def __call__(self, batch: Batch) -> Batch:
+        images = batch["image"]
+        masks = np.zeros((len(images), *images.shape[2:]), dtype=bool)
+        errors = batch["error"].copy()
+        rows = ok_rows(batch)
+        if len(rows):
+            masks[rows] = self.segmenter(to_float(images[rows]))
+        return {
+            **batch,
+            "fg_mask": masks,
+            "fg_fraction": masks.reshape(len(masks), -1).mean(1),
+            "error": errors,
+        }
+
+
+class Embed:
+    """Prefilter embeddings (L2-normalized float32)."""
+
+    def __init__(self, config):
+        from scanner.embed import make_image_embedder
+
+        self.embedder = make_image_embedder(config)
+
+    def __call__(self, batch: Batch) -> Batch:
+        images = batch["image"]
+        out = np.zeros((len(images), self.embedder.dim), dtype=np.float32)
+        rows = ok_rows(batch)
+        if len(rows):
+            out[rows] = self.embedder(to_float(images[rows]))
+        return {**batch, "embedding": out}
+
+
+class Match:
+    """Prefilter top-k candidates, score them exactly with Algorithm 1, pick the match.
+
+    Adds `label`, `ref_id`, `m_full`, `m_fg`, `m_bg` (of the match), `matches` (JSON list
+    of every scored candidate) and the PNG bytes of image and mask for the tables.
+    """
+
+    def __init__(
+        self,
+        reference: str,
+        top_k: int = 16,
+        tau: float = DEFAULT_TAU,
+        beta: float = DEFAULT_BETA,
+        metric: Metric = "ms_ssim",
+        device: str = "cpu",
+        cache_size: int = 4096,
+    ):
+        from scanner.reference import ReferenceStore
+
+        self.refs = ReferenceStore(reference, device=device)
+        self.top_k, self.tau, self.beta, self.metric = top_k, tau, beta, metric
+        self.device = torch.device(device)
+        self._load = lru_cache(maxsize=cache_size)(self.refs.load)
+
+    def _candidates(
+        self, rows: np.ndarray, embeddings: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        k = self.top_k if self.top_k > 0 else len(self.refs)
+        return self.refs.index.search(embeddings[rows], k)
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch["image"])
+        out: dict[str, Any] = {
+            "label": np.full(n, "", dtype=object),
+            "ref_id": np.full(n, "", dtype=object),
+            "m_full": np.full(n, np.nan, dtype=np.float32),
+            "m_fg": np.full(n, np.nan, dtype=np.float32),
+            "m_bg": np.full(n, np.nan, dtype=np.float32),
+            "matches": np.full(n, "[]", dtype=object),
+            "image_png": np.full(n, b"", dtype=object),
+            "fg_mask_png": np.full(n, b"", dtype=object),
+        }
+        rows = ok_rows(batch)
+        for i in rows:
+            out["image_png"][i] = encode_png(to_float(batch["image"][i]))
+            out["fg_mask_png"][i] = encode_png(batch["fg_mask"][i])
+        if len(rows) == 0 or len(self.refs) == 0:
+            return {**batch, **out}
+        scores, cand = self._candidates(rows, batch["embedding"])
+        unique = np.unique(cand[cand >= 0])
+        ref_images, ref_masks = zip(*(self._load(int(r)) for r in unique))
+        slot = {int(r): j for j, r in enumerate(unique)}
+        pairs = [(g, slot[int(r)]) for g, cands in enumerate(cand) for r in cands if r >= 0]
+        result = score_pairs(
+            torch.from_numpy(to_float(batch["image"][rows])).to(self.device),
+            torch.stack(ref_images).to(self.device),
+            torch.from_numpy(batch["fg_mask"][rows]).to(self.device),
+            torch.stack(ref_masks).to(self.device),
+            torch.tensor(pairs, dtype=torch.long).view(-1, 2),
+            tau=self.tau,
+            beta=self.beta,
+            metric=self.metric,
+        )
+        chosen = select_matches(result)
+        per_gen: dict[int, list[dict]] = {}
+        for p, (g, j) in enumerate(result.pairs):
+            ref_row = int(unique[j])
+            rank = int(np.flatnonzero(cand[g] == ref_row)[0])
+            per_gen.setdefault(int(g), []).append(
+                {
+                    "ref_id": self.refs.ref_ids[ref_row],
+                    "prefilter_rank": rank,
+                    "prefilter_score": float(scores[g, rank]),
+                    "m_full": float(result.m_full[p]),
+                    "m_fg": float(result.m_fg[p]),
+                    "m_bg": float(result.m_bg[p]),
+                    "branch": str(result.branch[p]),
+                    "label": str(result.label[p]),
+                }
+            )
+        for g, i in enumerate(rows):
+            p = chosen[g]
+            out["label"][i] = str(result.label[p])
+            out["ref_id"][i] = self.refs.ref_ids[int(unique[result.pairs[p, 1]])]
+            out["m_full"][i], out["m_fg"][i], out["m_bg"][i] = (
+                result.m_full[p],
+                result.m_fg[p],
+                result.m_bg[p],
+            )
+            out["matches"][i] = json.dumps(per_gen[g])
+        return {**batch, **out}
