@@ -59,19 +59,21 @@ class ShardCollector:
     tables: ShardedTables
     expected: dict[str, int]  # shard -> number of items
     to_rows: Callable[[dict], Iterator[tuple[str, Rows]]]  # batch -> (shard, rows of one item)
-    on_shard: Callable[[str, int], None] = lambda shard, n: None
+    on_items: Callable[[int], None] = lambda n: None  # progress: items received
     _pending: dict[str, Rows] = field(default_factory=dict)
     _seen: dict[str, int] = field(default_factory=dict)
 
     def add(self, batch: dict) -> None:
+        received = 0
         for shard, rows in self.to_rows(batch):
+            received += 1
             acc = self._pending.setdefault(shard, {})
             for table, table_rows in rows.items():
                 acc.setdefault(table, []).extend(table_rows)
             self._seen[shard] = self._seen.get(shard, 0) + 1
             if self._seen[shard] == self.expected[shard]:
                 self.tables.write_shard(shard, self._pending.pop(shard))
-                self.on_shard(shard, self.expected[shard])
+        self.on_items(received)
 
     def finish(self) -> None:
         missing = {

@@ -167,6 +167,15 @@ class ReferenceStore:
         )
         self._row_group = lru_cache(maxsize=64)(self._read_row_group)
 
+    @staticmethod
+    def read_manifest(path: str | Path) -> dict:
+        file = Path(path) / "manifest.json"
+        if not file.exists():
+            raise ValueError(
+                f"{path}: not a reference store (no manifest.json); build one with `fbmem build-reference`"
+            )
+        return json.loads(file.read_text())
+
     def __len__(self) -> int:
         return len(self.ref_ids)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU, score_pairs, select_matches
-from scanner.images import ImageError, encode_png, load_image
+from scanner.images import ImageError, canonical, encode_png, load_image
 from scanner.similarity import Metric
 
 Batch = dict[str, np.ndarray]
@@ -67,13 +67,13 @@ class Generate:
     scale of those channels: 0 deactivates, 0.1 / 0.2 dampen), so one batch can mix methods.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, out_size: int):
         from scanner.generate import Generator
         from scanner.neurons import value_layers
 
         self.generator = Generator(config)
         self.layers = value_layers(self.generator.unet)
-        self.size = config.size
+        self.size = out_size  # the reference store's canonical size
 
     def _scales(self, neurons: list[list], alphas: np.ndarray) -> dict[int, torch.Tensor] | None:
         if not any(neurons):
@@ -104,6 +104,13 @@ class Generate:
                     batch["gen_idx"][rows].tolist(),
                     neuron_scales=scales,
                 )
+                if out.shape[-1] != self.size:
+                    out = np.stack(
+                        [
+                            canonical(im.transpose(1, 2, 0), self.size).transpose(2, 0, 1)
+                            for im in out
+                        ]
+                    )
                 images[rows] = to_uint8(out)
             except (ValueError, TypeError, RuntimeError) as exc:
                 for i in rows:
