@@ -99,7 +99,7 @@ class Progress:
         self.start = time.perf_counter()
         self.fresh = 0
 
-    def __call__(self, shard: str, n: int) -> None:
+    def __call__(self, n: int) -> None:
         self.fresh += n
         self.bar.update(n)
 

@@ -142,6 +142,13 @@ def scan_images(
     out = Path(out)
     started = time.time()
     items = scan_items(src)
+    # 1. Open the models and the reference store first: a bad path fails before any output.
+    match = Match(
+        config.reference, config.top_k, config.tau, config.beta, config.metric, config.device
+    )
+    segment = Segment(config.segmenter)
+    embed = Embed(reference_embed_config(match.refs.manifest, config.device))
+    # 2. The scan directory: same input and config -> same shards; finished ones are skipped.
     resolved = {"source": str(Path(src).resolve()), **asdict(config)}
     tables = ShardedTables(out, SCAN_TABLES)
     tables.prepare(config_digest(resolved), overwrite)
@@ -149,19 +156,11 @@ def scan_images(
         write_prompts(tables, items)
     shards = split_shards(items, config.shard_size)
     pending = [(s, part) for s, part in shards if not tables.is_done(s)]
+    # 3. Stream the pending shards through the stages.
     progress = Progress(len(items), len(items) - sum(len(p) for _, p in pending), "img", "scan")
     collector = ShardCollector(tables, {s: len(p) for s, p in pending}, scan_rows, progress)
-    match = Match(
-        config.reference, config.top_k, config.tau, config.beta, config.metric, config.device
-    )
-    segment = Segment(config.segmenter)
-    embed = Embed(reference_embed_config(match.refs.manifest, config.device))
-    run_local(
-        pending,
-        [LoadImages(match.refs.image_size), segment, embed, match],
-        config.batch_size,
-        collector,
-    )
+    stages = [LoadImages(match.refs.image_size), segment, embed, match]
+    run_local(pending, stages, config.batch_size, collector)
     seconds = progress.close()
     manifest = {
         "kind": "scan",
