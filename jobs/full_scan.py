@@ -27,8 +27,6 @@ if (
 ):  # `ray job submit --working-dir .` runs the file without installing it
     sys.path.insert(0, str(ROOT))
 
-from scanner.segment import SegmenterConfig
-
 from scanner.driver import Progress, ShardCollector, split_shards
 from scanner.embed import EmbedConfig
 from scanner.plan import FullScanConfig, generation_items, load_config
@@ -40,6 +38,7 @@ from scanner.scan import (
     scan_rows,
     write_prompts,
 )
+from scanner.segment import SegmenterConfig
 from scanner.store import ShardedTables, config_digest, gen_id, package_versions, write_manifest
 
 DEMO_SIZE = 256  # canonical size of the demos' reference store: fast on a CPU
