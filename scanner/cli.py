@@ -106,6 +106,26 @@ def cmd_compare(args) -> int:
     return 1 if any("error" in r for r in records) else 0
 
 
+def cmd_report(args) -> int:
+    from scanner.analysis import summarize
+    from scanner.report.html import build_report
+
+    summarize(args.scan)
+    page = build_report(args.scan, reference=args.reference)
+    print(f"report: {page}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from scanner.report.explain import explain_scan_pair
+
+    result = explain_scan_pair(
+        args.scan, args.gen_id, args.ref_id, args.out, reference=args.reference
+    )
+    print(json.dumps(result))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from scanner.demo import run_demo
 
@@ -242,6 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fbmem_options(p, size=False)
     _add_segmenter_options(p)
     p.set_defaults(func=cmd_scan_images)
+
+    p = sub.add_parser("report", help="(re)build a scan's summary, plots and HTML report")
+    p.add_argument("scan", help="scan directory")
+    p.add_argument("--reference", help="reference store, if it moved since the scan")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "explain", help="evidence picture of one (generation, training image) pair of a scan"
+    )
+    p.add_argument("scan", help="scan directory")
+    p.add_argument("gen_id", help='generation id, e.g. "12:3"')
+    p.add_argument("ref_id", help="reference id")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--reference", help="reference store, if it moved since the scan")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser(
         "demo",

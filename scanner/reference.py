@@ -157,8 +157,7 @@ class ReferenceStore:
         self.manifest = json.loads((self.root / "manifest.json").read_text())
         self.image_size = self.manifest["config"]["size"]
         tables = ShardedTables(self.root, TABLES)
-        self.parts = [self.root / "references" / f"{s}.parquet" for s in tables.done_shards()]
-        self.parts = [p for p in self.parts if p.exists()]
+        self.parts = tables.parts("references")
         counts = [pq.ParquetFile(p).metadata.num_rows for p in self.parts]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.ref_ids = tables.read("references", ["ref_id"]).column("ref_id").to_pylist()

@@ -145,10 +145,14 @@ class ShardedTables:
             os.replace(tmp, folder / f"{shard}.parquet")
         (self.done_dir / shard).write_text(str(time.time()))
 
+    def parts(self, table: str) -> list[Path]:
+        """Parquet files of the done shards of `table`, in shard order."""
+        files = [self.root / table / f"{s}.parquet" for s in self.done_shards()]
+        return [f for f in files if f.exists()]
+
     def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
         """All rows of done shards, in shard order."""
-        parts = [self.root / table / f"{s}.parquet" for s in self.done_shards()]
-        parts = [p for p in parts if p.exists()]
+        parts = self.parts(table)
         if not parts:
             return (
                 SCHEMAS[table].empty_table()
@@ -158,8 +162,7 @@ class ShardedTables:
         return pa.concat_tables(pq.read_table(p, columns=columns) for p in parts)
 
     def count(self, table: str) -> int:
-        parts = [self.root / table / f"{s}.parquet" for s in self.done_shards()]
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in parts if p.exists())
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in self.parts(table))
 
 
 def write_manifest(root: Path, manifest: dict) -> None:

@@ -1,0 +1,1 @@
+"""The evidence a person looks at: figures, the static HTML report, per-pair pictures."""
