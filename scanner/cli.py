@@ -126,6 +126,50 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_cluster(args) -> int:
+    from scanner.clustering import run_cluster_command
+
+    run_cluster_command(args.prompts, args.k, args.text_encoder, args.out, limit=args.limit)
+    return 0
+
+
+def _labels(path: str, method: str | None):
+    """A scan directory's labels (or a labels Parquet/CSV file), one method of it."""
+    import pandas as pd
+
+    from scanner.store import ShardedTables
+
+    p = Path(path)
+    if p.is_dir():
+        table = ShardedTables(p, ["labels"]).read("labels").to_pandas()
+    elif p.suffix == ".parquet":
+        table = pd.read_parquet(p)
+    elif p.suffix == ".csv":
+        table = pd.read_csv(p)
+    else:
+        raise ValueError(f"{path}: expected a scan directory or a labels .parquet/.csv")
+    methods = sorted(table["method"].unique()) if "method" in table.columns else []
+    if method is not None:
+        if method not in methods:
+            raise ValueError(f"{path}: no generations of method {method!r}; methods are {methods}")
+        return table[table["method"] == method]
+    if len(methods) > 1:
+        raise ValueError(
+            f"{path} holds several methods {methods}; choose one with --pre-method/--post-method"
+        )
+    return table
+
+
+def cmd_mitigation_score(args) -> int:
+    from scanner.mitigation.score import mitigation_score
+
+    pre = _labels(args.pre, args.pre_method)
+    post = _labels(args.post, args.post_method)
+    result = mitigation_score(pre, post, allow_unmatched=args.allow_unmatched)
+    print(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from scanner.demo import run_demo
 
@@ -262,6 +306,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fbmem_options(p, size=False)
     _add_segmenter_options(p)
     p.set_defaults(func=cmd_scan_images)
+
+    p = sub.add_parser("cluster", help="cluster prompts by their text embeddings (k-means)")
+    p.add_argument("prompts", help="bundled set (memorized, unmemorized) or CSV/Parquet/text file")
+    p.add_argument("--k", type=int, default=12, help="clusters (default %(default)s, the paper's)")
+    p.add_argument(
+        "--text-encoder",
+        metavar="PATH",
+        help="CLIP folder for the text encoder (default: bundled MiniLM)",
+    )
+    p.add_argument("--limit", type=int, help="first prompts only")
+    p.add_argument(
+        "--out", required=True, help="Parquet file: prompt_id, prompt, cluster_id, distance"
+    )
+    p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser(
+        "mitigation-score", help="the paper's Table 2 score of labels before and after a mitigation"
+    )
+    p.add_argument("pre", help="scan directory or labels table before mitigation")
+    p.add_argument("post", help="scan directory or labels table after mitigation")
+    p.add_argument("--pre-method", help="method of PRE to use when it holds several (e.g. none)")
+    p.add_argument(
+        "--post-method", help="method of POST to use when it holds several (e.g. nemo-c)"
+    )
+    p.add_argument(
+        "--allow-unmatched",
+        action="store_true",
+        help="score the generations present in both instead of failing",
+    )
+    p.set_defaults(func=cmd_mitigation_score)
 
     p = sub.add_parser("report", help="(re)build a scan's summary, plots and HTML report")
     p.add_argument("scan", help="scan directory")
