@@ -19,29 +19,18 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-
 ROOT = Path(__file__).resolve().parents[1]
-if (
-    str(ROOT) not in sys.path
-):  # `ray job submit --working-dir .` runs the file without installing it
+# `ray job submit --working-dir .` runs this file without installing the project.
+if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scanner.driver import Progress, ShardCollector, split_shards
-from scanner.embed import EmbedConfig
-from scanner.plan import FullScanConfig, generation_items, load_config
+from actors.pipeline import run_shards, scan_stages, start_ray
+from scanner.demo_inputs import demo_replay, demo_tiny_sd
+from scanner.driver import Progress, split_shards
+from scanner.plan import generation_items, load_config, reference_store
 from scanner.prompts import load_prompts
-from scanner.scan import (
-    PROMPTS_SHARD,
-    SCAN_TABLES,
-    reference_embed_config,
-    scan_rows,
-    write_prompts,
-)
-from scanner.segment import SegmenterConfig
-from scanner.store import ShardedTables, config_digest, gen_id, package_versions, write_manifest
-
-DEMO_SIZE = 256  # canonical size of the demos' reference store: fast on a CPU
+from scanner.scan import PROMPTS_SHARD, SCAN_TABLES, scan_rows, write_prompts
+from scanner.store import ShardedTables, config_digest, package_versions, write_manifest
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, dict, bool]:
@@ -79,166 +68,7 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, dict, bool]:
     return config_path, args, overwrite
 
 
-# 1. Demo inputs ---------------------------------------------------------------------------
-
-
-def demo_replay(config: FullScanConfig) -> tuple[FullScanConfig, pd.DataFrame]:
-    """Replication set: its training images become the reference store, its generations the
-    items (no model needed), one prompt per training image, N = 4 kinds per prompt."""
-    from scanner.replication import KINDS, build_replication_set
-
-    root = Path(config.out) / "replication"
-    manifest = build_replication_set(root, size=512)
-    references = pd.read_csv(root / "references.csv")
-    references["path"] = [str(root / p) for p in references["path"]]
-    ref_table = root / "references_for_store.csv"
-    references[["ref_id", "path", "caption"]].to_csv(ref_table, index=False)
-    prompt_of = {r: i for i, r in enumerate(references["ref_id"])}
-    items = pd.DataFrame(
-        {
-            "prompt_id": [prompt_of[r] for r in manifest["ref_id"]],
-            "gen_idx": [KINDS.index(k) for k in manifest["kind"]],
-            "prompt": manifest["prompt"],
-            "method": "none",
-            "seed": -1,
-            "source": [str(root / p) for p in manifest["gen"]],
-            "error": "",
-        }
-    ).astype({"prompt_id": "int64", "gen_idx": "int64", "seed": "int64"})
-    items["item_id"] = [gen_id(p, g) for p, g in zip(items["prompt_id"], items["gen_idx"])]
-    config = dataclasses.replace(
-        config, reference_images=str(ref_table), size=DEMO_SIZE, n_per_prompt=len(KINDS)
-    )
-    return config, items.sort_values(["prompt_id", "gen_idx"]).reset_index(drop=True)
-
-
-def demo_tiny_sd(config: FullScanConfig) -> FullScanConfig:
-    """Tiny random-weight SD built offline, 20 bundled memorized prompts, the replication
-    set's training images as references: proves the generation path end to end."""
-    from scanner.replication import build_replication_set
-    from scanner.tiny_sd import build_tiny_pipeline
-
-    out = Path(config.out)
-    model = out / "tiny-sd"
-    if not (model / "model_index.json").exists():
-        build_tiny_pipeline(model)
-    root = out / "replication"
-    build_replication_set(root, size=512)
-    references = pd.read_csv(root / "references.csv")
-    references["path"] = [str(root / p) for p in references["path"]]
-    ref_table = root / "references_for_store.csv"
-    references[["ref_id", "path", "caption"]].to_csv(ref_table, index=False)
-    return dataclasses.replace(
-        config,
-        model=str(model),
-        prompts="memorized",
-        prompt_limit=config.prompt_limit or 20,
-        n_per_prompt=2
-        if config.n_per_prompt == FullScanConfig.n_per_prompt
-        else config.n_per_prompt,
-        steps=4 if config.steps == FullScanConfig.steps else config.steps,
-        gen_size=64,
-        reference_images=str(ref_table),
-        size=DEMO_SIZE,
-    )
-
-
-# 2. Reference store ------------------------------------------------------------------------
-
-
-def ensure_reference(config: FullScanConfig) -> str:
-    if config.reference:
-        return config.reference
-    from scanner.reference import ReferenceConfig, build_reference
-
-    path = Path(config.out) / "reference"
-    ref_config = ReferenceConfig(
-        size=config.size,
-        segmenter=segmenter_config(config),
-        embed=EmbedConfig(image_kind="clip" if config.clip else "pixels", clip_path=config.clip),
-    )
-    build_reference(config.reference_images, path, ref_config)
-    return str(path)
-
-
-def segmenter_config(config: FullScanConfig) -> SegmenterConfig:
-    return SegmenterConfig(
-        kind=config.segmenter,
-        birefnet_path=config.birefnet,
-        trust_remote_code=config.trust_remote_code,
-    )
-
-
-# 3. Ray pipeline ---------------------------------------------------------------------------
-
-
-def cpu_share(config: FullScanConfig, stage: str, n_stages: int) -> float:
-    """CPUs per actor: as asked, else a share that leaves room for Ray Data's read tasks
-    (an actor pool holding every CPU starves them and the dataset hangs, ray issue 44687)."""
-    import ray
-
-    asked = config.resources_for(stage).cpus
-    if asked is not None:
-        return asked
-    total = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.25, min(2.0, total / (2 * n_stages)))
-
-
-def build_dataset(items: pd.DataFrame, config: FullScanConfig, reference: str, ref_size: int):
-    import ray
-
-    from actors.stages import EmbedActor, GenerateActor, LoadActor, MatchActor, SegmentActor
-    from scanner.generate import GenerationConfig
-    from scanner.reference import ReferenceStore
-
-    ref_manifest = ReferenceStore.read_manifest(reference)
-    if "source" in items.columns:
-        first = ("load", LoadActor, {"size": ref_size})
-    else:
-        gen_config = GenerationConfig(
-            model=config.model,
-            steps=config.steps,
-            guidance=config.guidance,
-            size=config.gen_size,
-            seed=config.seed,
-            per_prompt_noise=config.per_prompt_noise,
-            batch_size=config.resources_for("generate").batch_size,
-            trust_remote_code=config.trust_remote_code,
-        )
-        first = ("generate", GenerateActor, {"config": gen_config, "out_size": ref_size})
-    stages = [
-        first,
-        ("segment", SegmentActor, {"config": segmenter_config(config)}),
-        ("embed", EmbedActor, {"config": reference_embed_config(ref_manifest, "cpu")}),
-        (
-            "match",
-            MatchActor,
-            {
-                "reference": reference,
-                "top_k": config.top_k,
-                "tau": config.tau,
-                "beta": config.beta,
-                "metric": config.metric,
-            },
-        ),
-    ]
-    ds = ray.data.from_pandas(items)
-    for name, actor, kwargs in stages:
-        res = config.resources_for(name)
-        cpus = cpu_share(config, name, len(stages))
-        ds = ds.map_batches(
-            actor,
-            fn_constructor_kwargs={**kwargs, "threads": max(1, int(cpus))},
-            compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
-            num_gpus=res.gpus,
-            num_cpus=cpus,
-            batch_size=res.batch_size,
-            batch_format="numpy",
-        )
-    return ds
-
-
-# 4. The job ---------------------------------------------------------------------------------
+# The job ---------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,14 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(config_path, overrides)
     out = Path(config.out)
     if overwrite and out.exists():
-        shutil.rmtree(
-            out
-        )  # first, so inputs built below (demo data, reference store) are fresh too
+        # First, so that inputs built below (demo data, reference store) are fresh too.
+        shutil.rmtree(out)
 
     # 1. Inputs
     if config.demo == "replay":
         config, items = demo_replay(config)
-        prompts = items.drop_duplicates("prompt_id")[["prompt_id", "prompt"]]
     else:
         if config.demo == "tiny-sd":
             config = demo_tiny_sd(config)
@@ -262,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         items = generation_items(prompts, config.n_per_prompt, config.seed)
 
     # 2. Reference store (built once, reused by later runs)
-    reference = ensure_reference(config)
-    from scanner.reference import ReferenceStore
-
-    ref_size = ReferenceStore.read_manifest(reference)["config"]["size"]
+    reference = reference_store(config)
 
     # 3. Scan directory: same config -> same shards; finished shards are skipped
     resolved = dataclasses.asdict(config) | {"reference": reference}
@@ -279,26 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     per_shard = config.shard_size * config.n_per_prompt
     shards = split_shards(items, per_shard)
     pending = [(s, part) for s, part in shards if not tables.is_done(s)]
-    todo = pd.concat([part.assign(shard=s) for s, part in pending]) if pending else None
     print(
         f"{len(items)} generations in {len(shards)} shards; {len(pending)} shards to do -> {tables.root}"
     )
 
     # 4. Ray: stream the pending shards through the stages into the scan directory
-    progress = Progress(len(items), len(items) - (0 if todo is None else len(todo)), "img", "scan")
-    if todo is not None:
-        import ray
-
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # shards complete in order: few held in memory
-        ctx.enable_progress_bars = False
-        collector = ShardCollector(tables, {s: len(p) for s, p in pending}, scan_rows, progress)
-        for batch in build_dataset(todo, config, reference, ref_size).iter_batches(
-            batch_size=None, batch_format="numpy"
-        ):
-            collector.add(batch)
-        collector.finish()
+    progress = Progress(len(items), len(items) - sum(len(p) for _, p in pending), "img", "scan")
+    if pending:
+        start_ray()
+        stages = scan_stages(config, reference, from_files="source" in items.columns)
+        run_shards(tables, pending, stages, config.resources_for, scan_rows, progress)
     seconds = progress.close()
 
     # 5. Manifest, summary, report
@@ -330,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_summary(summary: dict, page: Path) -> None:
-    print("\nmemorization distribution:")
+    print("\nmemorization distribution (generations, share):")
     for method, row in summary.get("distribution", {}).items():
-        print(f"  {method}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+        cells = "  ".join(
+            f"{k} {row[k]:>5} ({100 * row['share_' + k]:5.1f}%)" for k in ("VM", "FM", "BM", "NM")
+        )
+        print(f"  {method:<22} {cells}   total {row['total']}")
     print(f"report: {page}")
 
 

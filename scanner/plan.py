@@ -125,6 +125,48 @@ def validate(config: FullScanConfig) -> None:
         raise ValueError("n_per_prompt and shard_size must be >= 1 and top_k >= 0")
 
 
+def segmenter_config(config: FullScanConfig):
+    from scanner.segment import SegmenterConfig
+
+    return SegmenterConfig(
+        kind=config.segmenter,
+        birefnet_path=config.birefnet,
+        trust_remote_code=config.trust_remote_code,
+    )
+
+
+def generation_config(config: FullScanConfig):
+    from scanner.generate import GenerationConfig
+
+    return GenerationConfig(
+        model=config.model,
+        steps=config.steps,
+        guidance=config.guidance,
+        size=config.gen_size,
+        seed=config.seed,
+        per_prompt_noise=config.per_prompt_noise,
+        batch_size=config.resources_for("generate").batch_size,
+        trust_remote_code=config.trust_remote_code,
+    )
+
+
+def reference_store(config: FullScanConfig) -> str:
+    """The scan's reference store: the one given, or one built (resumably) at <out>/reference."""
+    if config.reference:
+        return config.reference
+    from scanner.embed import EmbedConfig
+    from scanner.reference import ReferenceConfig, build_reference
+
+    path = Path(config.out) / "reference"
+    embed = EmbedConfig(image_kind="clip" if config.clip else "pixels", clip_path=config.clip)
+    build_reference(
+        config.reference_images,
+        path,
+        ReferenceConfig(size=config.size, segmenter=segmenter_config(config), embed=embed),
+    )
+    return str(path)
+
+
 def generation_items(prompts: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     """One row per (prompt, gen_idx), prompt-major, so a shard holds whole prompts."""
     rows = prompts.loc[prompts.index.repeat(n)].reset_index(drop=True)

@@ -1,0 +1,79 @@
+"""Inputs of the built-in demos of the Ray jobs: data and models that need no download.
+
+- replay: the replication set's training images become the reference store and its
+  generations are replayed through every stage after generation (no model needed), one
+  prompt per training image and N = 4 generations (its four kinds) per prompt.
+- tiny-sd: a tiny random-weight Stable Diffusion built offline generates from the bundled
+  memorized prompts against the same reference store: proves the generation path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+
+from scanner.plan import FullScanConfig
+from scanner.replication import KINDS, build_replication_set
+from scanner.store import gen_id
+
+DEMO_SIZE = 256  # canonical size of the demos' reference store: fast on a CPU
+
+
+def replication_references(root: Path) -> Path:
+    """Build the replication set under `root`; return a reference table for build_reference."""
+    build_replication_set(root, size=512)
+    refs = pd.read_csv(root / "references.csv")
+    refs["path"] = [str(root / p) for p in refs["path"]]
+    table = root / "references_for_store.csv"
+    refs[["ref_id", "path", "caption"]].to_csv(table, index=False)
+    return table
+
+
+def demo_replay(config: FullScanConfig) -> tuple[FullScanConfig, pd.DataFrame]:
+    root = Path(config.out) / "replication"
+    table = replication_references(root)
+    manifest = pd.read_csv(root / "replication.csv")
+    prompt_of = {r: i for i, r in enumerate(pd.read_csv(table)["ref_id"])}
+    items = pd.DataFrame(
+        {
+            "prompt_id": [prompt_of[r] for r in manifest["ref_id"]],
+            "gen_idx": [KINDS.index(k) for k in manifest["kind"]],
+            "prompt": manifest["prompt"],
+            "method": "none",
+            "seed": -1,
+            "source": [str(root / p) for p in manifest["gen"]],
+            "error": "",
+        }
+    ).astype({"prompt_id": "int64", "gen_idx": "int64", "seed": "int64"})
+    items["item_id"] = [gen_id(p, g) for p, g in zip(items["prompt_id"], items["gen_idx"])]
+    config = dataclasses.replace(
+        config,
+        prompts="replication",
+        reference_images=str(table),
+        size=DEMO_SIZE,
+        n_per_prompt=len(KINDS),
+    )
+    return config, items.sort_values(["prompt_id", "gen_idx"]).reset_index(drop=True)
+
+
+def demo_tiny_sd(config: FullScanConfig) -> FullScanConfig:
+    """Defaults of the tiny-sd demo: 20 prompts, N = 2, 4 steps at 64 px (flags still win)."""
+    from scanner.tiny_sd import TINY_SIZE, build_tiny_pipeline
+
+    out = Path(config.out)
+    model = out / "tiny-sd"
+    if not (model / "model_index.json").exists():
+        build_tiny_pipeline(model)
+    defaults = FullScanConfig()
+    return dataclasses.replace(
+        config,
+        model=str(model),
+        prompt_limit=config.prompt_limit or 20,
+        n_per_prompt=2 if config.n_per_prompt == defaults.n_per_prompt else config.n_per_prompt,
+        steps=4 if config.steps == defaults.steps else config.steps,
+        gen_size=TINY_SIZE,
+        reference_images=str(replication_references(out / "replication")),
+        size=DEMO_SIZE,
+    )
