@@ -12,6 +12,7 @@ import dataclasses
 import torch
 
 from scanner import stages
+from scanner.mitigation.localize import Localize
 
 
 def _placement(threads: int) -> str:
@@ -45,3 +46,8 @@ class EmbedActor(stages.Embed):
 class MatchActor(stages.Match):
     def __init__(self, threads: int = 1, **kwargs):
         super().__init__(**kwargs, device=_placement(threads))
+
+
+class LocalizeActor(Localize):
+    def __init__(self, config, threads: int = 1):
+        super().__init__(dataclasses.replace(config, device=_placement(threads)))

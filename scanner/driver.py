@@ -21,16 +21,14 @@ from scanner.store import ShardedTables
 Rows = dict[str, list[dict]]
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}"
-
-
-def split_shards(items: pd.DataFrame, shard_size: int) -> list[tuple[str, pd.DataFrame]]:
+def split_shards(
+    items: pd.DataFrame, shard_size: int, prefix: str = "shard"
+) -> list[tuple[str, pd.DataFrame]]:
     """Deterministic consecutive shards of the work items (same items, same shards)."""
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
     return [
-        (shard_name(i // shard_size), items.iloc[i : i + shard_size])
+        (f"{prefix}-{i // shard_size:06d}", items.iloc[i : i + shard_size])
         for i in range(0, len(items), shard_size)
     ]
 

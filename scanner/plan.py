@@ -17,7 +17,7 @@ import pandas as pd
 from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU
 from scanner.store import gen_id
 
-STAGES = ("generate", "load", "segment", "embed", "match")
+STAGES = ("generate", "load", "segment", "embed", "match", "localize")
 
 
 @dataclass(frozen=True)

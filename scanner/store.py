@@ -72,6 +72,20 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("message", pa.string()),
         ]
     ),
+    "localizations": pa.schema(
+        [
+            ("prompt_id", pa.int64()),
+            ("memorized", pa.bool_()),
+            ("success", pa.bool_()),
+            ("unet_calls", pa.int64()),
+            ("initial_score", pa.float64()),
+            ("refined_score", pa.float64()),
+            ("neurons", pa.int64()),
+        ]
+    ),
+    "neuron_sets": pa.schema(
+        [("prompt_id", pa.int64()), ("layer", pa.int32()), ("channel", pa.int32())]
+    ),
     "references": pa.schema(
         [
             ("ref_id", pa.string()),
@@ -135,14 +149,18 @@ class ShardedTables:
         return sorted(p.name for p in self.done_dir.iterdir()) if self.done_dir.exists() else []
 
     def write_shard(self, shard: str, rows: dict[str, list[dict]]) -> None:
-        """Write one shard's rows of every table, then its done marker (last)."""
+        """Write one shard's rows (tables without rows get no file), then its done marker."""
         for table in self.tables:
-            data = pa.Table.from_pylist(rows.get(table, []), schema=SCHEMAS[table])
-            folder = self.root / table
-            folder.mkdir(exist_ok=True)
-            tmp = folder / f".{shard}.parquet.tmp"
-            pq.write_table(data, tmp, row_group_size=64)
-            os.replace(tmp, folder / f"{shard}.parquet")
+            target = self.root / table / f"{shard}.parquet"
+            if not rows.get(table):
+                target.unlink(missing_ok=True)  # a killed earlier attempt's leftovers
+                continue
+            target.parent.mkdir(exist_ok=True)
+            tmp = target.parent / f".{shard}.parquet.tmp"
+            pq.write_table(
+                pa.Table.from_pylist(rows[table], schema=SCHEMAS[table]), tmp, row_group_size=64
+            )
+            os.replace(tmp, target)
         (self.done_dir / shard).write_text(str(time.time()))
 
     def parts(self, table: str) -> list[Path]:

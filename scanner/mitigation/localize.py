@@ -62,7 +62,11 @@ class Localize:
         from scanner.neurons import value_layers
         from scanner.prompts import load_prompts
 
-        pipe = Generator(GenerationConfig(model=config.model, device=config.device, trust_remote_code=config.trust_remote_code)).pipeline
+        pipe = Generator(
+            GenerationConfig(
+                model=config.model, device=config.device, trust_remote_code=config.trust_remote_code
+            )
+        ).pipeline
         self.config = config
         self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
         self.signal = MemorizationSignal(pipe.unet, pipe.scheduler, config.signal)
@@ -75,7 +79,9 @@ class Localize:
                 emb = text_embeddings(self.tokenizer, self.text_encoder, holdout)
             self.means, self.stds = holdout_statistics(prompt_activations(pipe.unet, emb))
         else:
-            raise ValueError(f"statistics must be 'holdout' or 'sd-v1.4', got {config.statistics!r}")
+            raise ValueError(
+                f"statistics must be 'holdout' or 'sd-v1.4', got {config.statistics!r}"
+            )
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
@@ -95,7 +101,9 @@ class Localize:
             out["unet_calls"][i] = found.unet_calls
             if found.search is not None:
                 out["success"][i] = found.search.success
-                out["neurons"][i] = json.dumps(sorted([int(l), int(c)] for l, c in found.search.refined))
+                out["neurons"][i] = json.dumps(
+                    sorted([int(layer), int(c)] for layer, c in found.search.refined)
+                )
                 out["initial_score"][i] = found.search.initial_score
                 out["refined_score"][i] = found.search.refined_score
         return {**batch, **out}

@@ -1,0 +1,339 @@
+"""Mitigation on Ray: localize NeMo neurons per prompt, aggregate them per prompt cluster
+(NeMo-C), regenerate the same prompts with the same seeds under each method, scan them, and
+score each method against the unmitigated model (the paper's Table 2) and on image quality.
+
+    python jobs/mitigate.py --demo tiny-sd                      # tiny offline model, 4 prompts
+    python jobs/mitigate.py --config scan.yaml --methods none nemo nemo-c nemo-c:alpha=0.1
+    ray job submit --working-dir . -- python jobs/mitigate.py --config scan.yaml
+
+The output directory is one scan directory (its `method` column tells the methods apart)
+plus `localizations/` and `neuron_sets/` tables and `report/mitigation.json`. Like the full
+scan it is resumable: rerun the same command after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+# `ray job submit --working-dir .` runs this file without installing the project.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from actors.pipeline import run_shards, scan_stages, start_ray
+from actors.stages import LocalizeActor
+from scanner.clustering import cluster_prompts
+from scanner.demo_inputs import demo_tiny_sd
+from scanner.driver import Progress, error_row, split_shards
+from scanner.mitigation.localize import LocalizeConfig
+from scanner.mitigation.nemo_c import method_neurons, parse_method
+from scanner.mitigation.quality import QualityConfig, make_quality_metric
+from scanner.mitigation.score import mitigation_score
+from scanner.mitigation.signal import SignalConfig
+from scanner.plan import generation_items, load_config, reference_store
+from scanner.prompts import load_prompts
+from scanner.scan import PROMPTS_SHARD, SCAN_TABLES, scan_rows, write_prompts
+from scanner.store import ShardedTables, config_digest, package_versions, write_manifest
+
+TABLES = (*SCAN_TABLES, "localizations", "neuron_sets")
+DEFAULT_METHODS = ("none", "nemo", "nemo-c", "nemo-c:alpha=0.1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MitigationOptions:
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    k: int = 12  # prompt clusters (the paper's)
+    statistics: str = "holdout"  # NeMo holdout statistics: computed, or "sd-v1.4" (shipped)
+    neurons: str | None = None  # a neuron_sets Parquet from an earlier run: skip localization
+    latent_side: int | None = None  # NeMo's latent side (None: the UNet's; tiny models need >= 44)
+    quality: str = "piqe"
+    quality_weights: str | None = None
+    quality_sample: int = 500  # generations per method rated for quality
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config", help="YAML config of the scan part (as jobs/full_scan.py); flags override it"
+    )
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run at --out")
+    p.add_argument(
+        "--demo", choices=("tiny-sd",), help="tiny offline model, 4 bundled memorized prompts"
+    )
+    p.add_argument("--out")
+    p.add_argument("--model")
+    p.add_argument("--prompts")
+    p.add_argument("--prompt-limit", type=int)
+    p.add_argument("--n-per-prompt", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--reference")
+    p.add_argument("--reference-images")
+    p.add_argument("--top-k", type=int)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help="e.g. none nemo nemo-c nemo-c:alpha=0.1",
+    )
+    p.add_argument(
+        "--k", type=int, default=12, help="prompt clusters for NeMo-C (default %(default)s)"
+    )
+    p.add_argument("--statistics", choices=("holdout", "sd-v1.4"), default="holdout")
+    p.add_argument(
+        "--neurons", help="neuron_sets Parquet (prompt_id, layer, channel): skip localization"
+    )
+    p.add_argument("--latent-side", type=int)
+    p.add_argument("--quality", choices=("piqe", "dbcnn", "qalign"), default="piqe")
+    p.add_argument("--quality-weights")
+    p.add_argument("--quality-sample", type=int, default=500)
+    args = vars(p.parse_args(argv))
+    options = MitigationOptions(
+        methods=tuple(parse_method(m).name for m in args.pop("methods")),
+        **{
+            f: args.pop(f)
+            for f in (
+                "k",
+                "statistics",
+                "neurons",
+                "latent_side",
+                "quality",
+                "quality_weights",
+                "quality_sample",
+            )
+        },
+    )
+    if "none" not in options.methods:
+        raise SystemExit("--methods must include none: every method is scored against it")
+    config_path, overwrite = args.pop("config"), args.pop("overwrite")
+    if config_path is None and args["demo"] is None and args["model"] is None:
+        args["demo"] = "tiny-sd"
+    if args["out"] is None:
+        args["out"] = "scans/mitigate-demo"
+    return config_path, args, overwrite, options
+
+
+# 1. Localization --------------------------------------------------------------------------------
+
+
+def localization_rows(batch: dict):
+    for i in range(len(batch["prompt_id"])):
+        shard, pid = batch["shard"][i], int(batch["prompt_id"][i])
+        if batch["error"][i]:
+            yield shard, {"errors": [error_row(batch, i)]}
+            continue
+        neurons = json.loads(batch["neurons"][i])
+        yield (
+            shard,
+            {
+                "localizations": [
+                    {
+                        "prompt_id": pid,
+                        "memorized": bool(batch["memorized"][i]),
+                        "success": bool(batch["success"][i]),
+                        "unet_calls": int(batch["unet_calls"][i]),
+                        "initial_score": float(batch["initial_score"][i]),
+                        "refined_score": float(batch["refined_score"][i]),
+                        "neurons": len(neurons),
+                    }
+                ],
+                "neuron_sets": [
+                    {"prompt_id": pid, "layer": layer, "channel": channel}
+                    for layer, channel in neurons
+                ],
+            },
+        )
+
+
+def localize(tables, prompts, config, options) -> pd.DataFrame:
+    """Each prompt's refined neuron set (sharded over actors, resumable)."""
+    if options.neurons:
+        return pd.read_parquet(options.neurons)
+    items = prompts.assign(item_id=prompts["prompt_id"].astype(str))[
+        ["prompt_id", "prompt", "item_id", "error"]
+    ]
+    pending = [
+        (s, p)
+        for s, p in split_shards(items, config.shard_size, "localize")
+        if not tables.is_done(s)
+    ]
+    signal = SignalConfig(latent_side=options.latent_side, seed=config.seed)
+    loc = LocalizeConfig(
+        model=config.model,
+        statistics=options.statistics,
+        signal=signal,
+        trust_remote_code=config.trust_remote_code,
+    )
+    progress = Progress(
+        len(items), len(items) - sum(len(p) for _, p in pending), "prompt", "localize"
+    )
+    stage = ("localize", LocalizeActor, {"config": loc})
+    run_shards(tables, pending, [stage], config.resources_for, localization_rows, progress)
+    progress.close()
+    return tables.read("neuron_sets").to_pandas()
+
+
+# 2. Generations under every method ----------------------------------------------------------
+
+
+def method_items(prompts, clusters, neuron_sets, config, options) -> list[tuple[str, pd.DataFrame]]:
+    """Shards of (prompt, gen_idx, method) items; same seeds under every method."""
+    base = generation_items(prompts, config.n_per_prompt, config.seed)
+    shards = []
+    for index, method in enumerate(options.methods):
+        neurons, alpha = method_neurons(method, base["prompt_id"].tolist(), neuron_sets, clusters)
+        items = base.assign(
+            method=method,
+            neurons=[
+                json.dumps(sorted([int(layer), int(c)] for layer, c in n)) if n else ""
+                for n in neurons
+            ],
+            alpha=alpha,
+        )
+        items["item_id"] = [f"{i}@{method}" if method != "none" else i for i in base["item_id"]]
+        shards += split_shards(items, config.shard_size * config.n_per_prompt, f"m{index}")
+    return shards
+
+
+# 3. Scores -------------------------------------------------------------------------------------
+
+
+def quality_by_method(tables, options) -> tuple[dict[str, float], object]:
+    """Mean no-reference quality of (a sample of) each method's generations."""
+    from scanner.images import load_image
+
+    metric = make_quality_metric(
+        QualityConfig(metric=options.quality, weights=options.quality_weights)
+    )
+    gens = tables.read("generations", ["method", "image"]).to_pandas()
+    means = {}
+    for method, group in gens.groupby("method"):
+        sample = group.head(options.quality_sample)
+        images = np.stack([load_image(png, size=_png_side(png)) for png in sample["image"]])
+        means[method] = float(np.mean(metric(images)))
+    return means, metric
+
+
+def _png_side(png: bytes) -> int:
+    from scanner.images import image_hw
+
+    return image_hw(png)[0]
+
+
+def score_methods(tables, options) -> dict:
+    labels = tables.read("labels").to_pandas()
+    pre = labels[labels["method"] == "none"]
+    quality, metric = quality_by_method(tables, options)
+    rows = []
+    for method in options.methods:
+        post = labels[labels["method"] == method]
+        result = mitigation_score(pre, post).to_dict() if method != "none" else None
+        rows.append(
+            {
+                "method": method,
+                "mitigation_score": result["score"] if result else 0.0,
+                "transitions": result["transitions"] if result else None,
+                "generations": int(len(post)),
+                "quality": quality.get(method),
+                "quality_metric": metric.name,
+                "higher_is_better": metric.higher_is_better,
+            }
+        )
+    return {"methods": rows, "baseline_quality": quality.get("none"), "quality_metric": metric.name}
+
+
+# The job ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.time()
+    config_path, overrides, overwrite, options = parse_args(argv)
+    config = load_config(config_path, overrides)
+    out = Path(config.out)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+
+    # 1. Inputs: prompts, clusters, reference store
+    if config.demo == "tiny-sd":
+        config = demo_tiny_sd(dataclasses.replace(config, prompt_limit=config.prompt_limit or 4))
+        options = dataclasses.replace(
+            options, latent_side=options.latent_side or 44, k=min(options.k, 2)
+        )
+    prompts = load_prompts(config.prompts, config.prompt_limit)
+    usable = prompts[prompts["error"] == ""]
+    clusters = cluster_prompts(usable, k=min(options.k, len(usable)), seed=config.seed)
+    reference = reference_store(config)
+
+    # 2. Output directory: same config -> same shards
+    mitigation = dataclasses.asdict(options)
+    resolved = dataclasses.asdict(config) | {"reference": reference, "mitigation": mitigation}
+    tables = ShardedTables(out, TABLES)
+    digest = config_digest({k: v for k, v in resolved.items() if k not in ("report", "resources")})
+    tables.prepare(digest, overwrite=False)
+    if not tables.is_done(PROMPTS_SHARD):
+        write_prompts(
+            tables,
+            prompts.assign(error=""),
+            dict(zip(clusters["prompt_id"], clusters["cluster_id"])),
+        )
+
+    # 3. NeMo per prompt, NeMo-C per cluster, then every method's generations, scanned
+    start_ray()
+    neuron_sets = localize(tables, prompts, config, options)
+    shards = method_items(prompts, clusters, neuron_sets, config, options)
+    pending = [(s, p) for s, p in shards if not tables.is_done(s)]
+    total = sum(len(p) for _, p in shards)
+    progress = Progress(total, total - sum(len(p) for _, p in pending), "img", "generate+scan")
+    run_shards(
+        tables,
+        pending,
+        scan_stages(config, reference, from_files=False),
+        config.resources_for,
+        scan_rows,
+        progress,
+    )
+    seconds = progress.close()
+
+    # 4. Scores, manifest, report
+    results = score_methods(tables, options)
+    (out / "report").mkdir(exist_ok=True)
+    (out / "report" / "mitigation.json").write_text(json.dumps(results, indent=2))
+    write_manifest(
+        out,
+        {
+            "kind": "mitigation",
+            "config": resolved,
+            "versions": package_versions(),
+            "started": started,
+            "finished": time.time(),
+            "seconds_generate_scan_this_run": round(seconds, 2),
+            "rows": {t: tables.count(t) for t in TABLES},
+        },
+    )
+    from scanner.analysis import summarize
+    from scanner.report.html import build_report
+
+    summarize(out)
+    page = build_report(out)
+    print(
+        f"\n{'method':<22} {'Table 2 score':>13} {'quality (' + results['quality_metric'] + ')':>16}"
+    )
+    for row in results["methods"]:
+        print(f"{row['method']:<22} {row['mitigation_score']:>13.3f} {row['quality']:>16.2f}")
+    print(f"report: {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
