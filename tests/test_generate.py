@@ -18,19 +18,12 @@ from scanner.tiny_sd import TINY_SIZE, build_tiny_pipeline
 
 PROMPTS = ["Shaw Floors carpet in a living room", "a red car", "mountains at dawn", "a cat"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is fastest single-threaded; two threads on shared cores oversubscribe ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd")))
+def tiny_model(tiny_sd_dir) -> str:
+    return str(tiny_sd_dir)
 
 
 def make(model: str, **overrides) -> Generator:

@@ -15,7 +15,6 @@ import pytest
 from scanner.mitigation.localize import Localize, LocalizeConfig
 from scanner.mitigation.signal import SignalConfig
 from scanner.store import ShardedTables
-from scanner.tiny_sd import build_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -92,8 +91,8 @@ def test_neurons_change_exactly_the_prompts_that_carry_them(run):
     assert same(1, "nemo-c") == (clusters[1] not in with_neurons)  # NeMo-C: its cluster's union
 
 
-def test_localization_stage_on_the_tiny_model(tmp_path):
-    model = build_tiny_pipeline(tmp_path / "tiny")
+def test_localization_stage_on_the_tiny_model(tiny_sd_dir):
+    model = tiny_sd_dir
     stage = Localize(
         LocalizeConfig(
             model=str(model), holdout_prompts=20, signal=SignalConfig(latent_side=44, num_samples=4)

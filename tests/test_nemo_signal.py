@@ -24,7 +24,6 @@ from scanner.mitigation.signal import (
     text_embeddings,
 )
 from scanner.neurons import value_layers
-from scanner.tiny_sd import build_tiny_pipeline
 
 WEIGHTS = (0.33, 0.33, 0.33)
 # The tiny UNet's own 8 x 8 latents are too small for 3-scale MS-SSIM; 48 is the smallest
@@ -138,20 +137,12 @@ def test_latents_are_nemos_draws_in_order():
 
 # --- the tiny pipeline ---------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny UNet's calls gain nothing from threads; on a shared CPU they run 3x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    path = build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"))
-    return StableDiffusionPipeline.from_pretrained(path)
+def pipe(tiny_sd_dir):
+    return StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from scanner.neurons import (
     scale_neurons,
     value_layers,
 )
-from scanner.tiny_sd import build_tiny_pipeline, sd_v1_unet_on_meta
+from scanner.tiny_sd import sd_v1_unet_on_meta
 
 SD_V1_4_LAYERS = [
     "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
@@ -27,20 +27,12 @@ SD_V1_4_LAYERS = [
     "mid_block.attentions.0.transformer_blocks.0.attn2.to_v",
 ]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is fastest single-threaded; two threads on shared cores oversubscribe ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def unet(tmp_path_factory) -> UNet2DConditionModel:
-    folder = build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"))
-    return UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+def unet(tiny_sd_dir) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet").eval()
 
 
 @pytest.fixture(scope="module")
