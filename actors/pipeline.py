@@ -56,6 +56,7 @@ def scan_stages(config: FullScanConfig, reference: str, from_files: bool) -> lis
         "tau": config.tau,
         "beta": config.beta,
         "metric": config.metric,
+        "sscd": config.sscd,
     }
     return [
         first,

@@ -32,7 +32,8 @@ def _add_fbmem_options(p: argparse.ArgumentParser, size: bool = True) -> None:
             default=DEFAULT_SIZE,
             help="canonical square size in px (default %(default)s)",
         )
-    p.add_argument("--metric", choices=METRICS, default="ms_ssim")
+    p.add_argument("--metric", choices=(*METRICS, "sscd"), default="ms_ssim")
+    p.add_argument("--sscd", metavar="PATH", help="SSCD TorchScript file (with --metric sscd)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
 
 
@@ -94,7 +95,12 @@ def cmd_compare(args) -> int:
     else:
         raise ValueError("give two images (GEN REF) or --pairs CSV")
     options = CompareOptions(
-        tau=args.tau, beta=args.beta, size=args.size, metric=args.metric, device=args.device
+        tau=args.tau,
+        beta=args.beta,
+        size=args.size,
+        metric=args.metric,
+        sscd=args.sscd,
+        device=args.device,
     )
     needs_segmenter = any(s.gen_mask is None or s.ref_mask is None for s in specs)
     records = compare_pairs(specs, options, _segmenter(args) if needs_segmenter else None)
@@ -170,6 +176,13 @@ def cmd_mitigation_score(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from scanner.calibrate import run_calibrate_command
+
+    run_calibrate_command(args.labels, args.scan, args.sscd, args.out)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from scanner.demo import run_demo
 
@@ -219,6 +232,7 @@ def cmd_scan_images(args) -> int:
         tau=args.tau,
         beta=args.beta,
         metric=args.metric,
+        sscd=args.sscd,
         segmenter=_segmenter_config(args),
         device=args.device,
         shard_size=args.shard_size,
@@ -336,6 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="score the generations present in both instead of failing",
     )
     p.set_defaults(func=cmd_mitigation_score)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="the paper's Table 1 measures of SSIM, MS-SSIM (and SSCD) against human labels",
+    )
+    p.add_argument("labels", help="CSV/Parquet: gen_id or path, label (VM/TM/NM), optional ref")
+    p.add_argument("--scan", required=True, help="scan directory holding the labelled generations")
+    p.add_argument("--sscd", metavar="PATH", help="SSCD TorchScript file: also calibrate SSCD")
+    p.add_argument("--out", help="JSON file for the results")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("report", help="(re)build a scan's summary, plots and HTML report")
     p.add_argument("scan", help="scan directory")

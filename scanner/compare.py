@@ -13,9 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU, score_pairs
+from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU, load_metric, score_pairs
 from scanner.images import DEFAULT_SIZE, ImageError, image_hw, load_image, load_mask
-from scanner.similarity import Metric
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,8 @@ class CompareOptions:
     tau: float = DEFAULT_TAU
     beta: float = DEFAULT_BETA
     size: int = DEFAULT_SIZE
-    metric: Metric = "ms_ssim"
+    metric: str = "ms_ssim"  # ms_ssim, ssim or sscd
+    sscd: str | None = None  # SSCD TorchScript file, for metric sscd
     device: str = "cpu"
 
 
@@ -117,8 +117,9 @@ def compare_pairs(specs: list[PairSpec], options: CompareOptions, segmenter=None
 
         (g, g_fg), (r, r_fg) = tensors(gens), tensors(refs)
         pairs = torch.tensor(sorted(set(valid)), dtype=torch.long)
+        metric = load_metric(options.metric, options.sscd, options.device)
         scores = score_pairs(
-            g, r, g_fg, r_fg, pairs, tau=options.tau, beta=options.beta, metric=options.metric
+            g, r, g_fg, r_fg, pairs, tau=options.tau, beta=options.beta, metric=metric
         )
         by_pair = {(rec["gen_index"], rec["ref_index"]): rec for rec in scores.records()}
     out = []

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from scanner.scoring import BALANCED, BRANCH_NAMES, LARGE_FG, SMALL_FG, EngineConfig, region_scores
-from scanner.similarity import METRICS, Metric, check_images, spec_for
+from scanner.similarity import METRICS, Metric, SSIMSpec, check_images, spec_for
+from scanner.sscd import SSCDModel
 
 DEFAULT_TAU = 0.8  # paper's MS-SSIM threshold for verbatim copies (assumed for Algorithm 1)
 DEFAULT_BETA = 0.03  # paper's segmentation threshold
@@ -72,9 +73,12 @@ def classify(m_full: np.ndarray, m_fg: np.ndarray, m_bg: np.ndarray, tau: float)
 
 
 def _check_inputs(gen, ref, gen_fg, ref_fg, pairs, tau, beta, metric) -> torch.Tensor:
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
-    spec = spec_for(metric)
+    if isinstance(metric, SSCDModel):
+        spec = SSIMSpec(weights=(1.0,), win_size=1)  # any size: SSCD resizes to 320 px itself
+    elif metric in METRICS:
+        spec = spec_for(metric)
+    else:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS} or an SSCDModel")
     check_images(gen, spec, "gen")
     check_images(ref, spec, "ref")
     if gen.shape[1:] != ref.shape[1:]:
@@ -112,6 +116,17 @@ def _check_inputs(gen, ref, gen_fg, ref_fg, pairs, tau, beta, metric) -> torch.T
     return pairs
 
 
+def load_metric(name: str, sscd_path: str | None = None, device: str = "cpu") -> Metric | SSCDModel:
+    """A metric as named on a command line ("ms_ssim", "ssim", "sscd") -> what score_pairs takes."""
+    if name == "sscd":
+        if not sscd_path:
+            raise ValueError("metric 'sscd' needs the SSCD TorchScript file: give --sscd PATH")
+        return SSCDModel(sscd_path, device=device)
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; expected one of {(*METRICS, 'sscd')}")
+    return name
+
+
 def score_pairs(
     gen: torch.Tensor,
     ref: torch.Tensor,
@@ -121,20 +136,24 @@ def score_pairs(
     *,
     tau: float = DEFAULT_TAU,
     beta: float = DEFAULT_BETA,
-    metric: Metric = "ms_ssim",
+    metric: Metric | SSCDModel = "ms_ssim",
     engine: EngineConfig = EngineConfig(),
 ) -> PairScores:
     """Algorithm 1 for every pair; `pairs` (P, 2) or None for all G x R pairs.
 
     gen (G, 3, H, W) and ref (R, 3, H, W) are floats in [0, 1] on the device that should do
-    the work; gen_fg (G, H, W) and ref_fg (R, H, W) are boolean foreground masks.
+    the work; gen_fg (G, H, W) and ref_fg (R, H, W) are boolean foreground masks. `metric` is
+    "ms_ssim" (the paper's), "ssim", or a loaded `SSCDModel` (cosine of copy-detection
+    embeddings of the same region variants).
     """
     pairs = _check_inputs(gen, ref, gen_fg, ref_fg, pairs, tau, beta, metric)
-    spec = spec_for(metric)
     fg_fraction = gen_fg.flatten(1).float().mean(1)
-    branch = branches(fg_fraction, beta)
-    scores = region_scores(gen, ref, gen_fg, ref_fg, pairs, branch.to(gen.device), spec, engine)
-    scores = scores.cpu().numpy()
+    branch = branches(fg_fraction, beta).to(gen.device)
+    if isinstance(metric, SSCDModel):
+        scores = metric.region_scores(gen, ref, gen_fg, ref_fg, pairs.to(gen.device), branch)
+    else:
+        scores = region_scores(gen, ref, gen_fg, ref_fg, pairs, branch, spec_for(metric), engine)
+    scores = scores.float().cpu().numpy()
     pairs_np = pairs.cpu().numpy()
     gen_idx = pairs_np[:, 0]
     m_full, m_fg, m_bg = scores[:, 0], scores[:, 1], scores[:, 2]

@@ -55,7 +55,8 @@ class FullScanConfig:
     top_k: int = 16
     tau: float = DEFAULT_TAU
     beta: float = DEFAULT_BETA
-    metric: str = "ms_ssim"
+    metric: str = "ms_ssim"  # ms_ssim (the paper's), ssim or sscd
+    sscd: str | None = None  # SSCD TorchScript file, for metric sscd
     segmenter: str = "classical"
     birefnet: str | None = None
     trust_remote_code: bool = False

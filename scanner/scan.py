@@ -19,7 +19,6 @@ from scanner.driver import Progress, ShardCollector, error_row, run_local, split
 from scanner.embed import EmbedConfig
 from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU
 from scanner.segment import SegmenterConfig
-from scanner.similarity import Metric
 from scanner.sources import list_images
 from scanner.stages import Embed, LoadImages, Match, Segment, error_json
 from scanner.store import ShardedTables, config_digest, gen_id, package_versions, write_manifest
@@ -34,7 +33,8 @@ class ScanConfig:
     top_k: int = 16  # prefilter candidates per generation; 0 = every reference (exhaustive)
     tau: float = DEFAULT_TAU
     beta: float = DEFAULT_BETA
-    metric: Metric = "ms_ssim"
+    metric: str = "ms_ssim"  # ms_ssim, ssim or sscd
+    sscd: str | None = None  # SSCD TorchScript file, for metric sscd
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     device: str = "cpu"
     shard_size: int = 256  # generations per resumable shard
@@ -144,7 +144,13 @@ def scan_images(
     items = scan_items(src)
     # 1. Open the models and the reference store first: a bad path fails before any output.
     match = Match(
-        config.reference, config.top_k, config.tau, config.beta, config.metric, config.device
+        config.reference,
+        config.top_k,
+        config.tau,
+        config.beta,
+        config.metric,
+        config.device,
+        sscd=config.sscd,
     )
     segment = Segment(config.segmenter)
     embed = Embed(reference_embed_config(match.refs.manifest, config.device))

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU, score_pairs, select_matches
+from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU, load_metric, score_pairs, select_matches
 from scanner.images import ImageError, canonical, encode_png, load_image
-from scanner.similarity import Metric
 
 Batch = dict[str, np.ndarray]
 
@@ -171,14 +170,16 @@ class Match:
         top_k: int = 16,
         tau: float = DEFAULT_TAU,
         beta: float = DEFAULT_BETA,
-        metric: Metric = "ms_ssim",
+        metric: str = "ms_ssim",
         device: str = "cpu",
         cache_size: int = 4096,
+        sscd: str | None = None,
     ):
         from scanner.reference import ReferenceStore
 
         self.refs = ReferenceStore(reference, device=device)
-        self.top_k, self.tau, self.beta, self.metric = top_k, tau, beta, metric
+        self.top_k, self.tau, self.beta = top_k, tau, beta
+        self.metric = load_metric(metric, sscd, device)
         self.device = torch.device(device)
         self._load = lru_cache(maxsize=cache_size)(self.refs.load)
 

@@ -172,3 +172,31 @@ def test_real_sscd_ranks_verbatim_copies_above_unrelated_images(tmp_path):
     verbatim = model.similarity(load("gen", "verbatim"), load("ref", "verbatim"))
     unrelated = model.similarity(load("gen", "unrelated"), load("ref", "unrelated"))
     assert verbatim.min() > unrelated.max()
+
+
+def test_algorithm_1_runs_on_sscd_from_the_command_line(tmp_path, photos, capsys):
+    """`fbmem compare --metric sscd`: the labels come from SSCD's cosines of the same variants."""
+    import json
+
+    from scanner.cli import main
+    from scanner.images import encode_png
+
+    torch.manual_seed(0)
+    path = _save(TinyDescriptor(), tmp_path / "sscd.pt")
+    (tmp_path / "a.png").write_bytes(encode_png(photos["coffee"].numpy()))
+    (tmp_path / "b.png").write_bytes(encode_png(photos["rocket"].numpy()))
+    mask = torch.zeros(192, 192, dtype=torch.bool)
+    mask[50:120, 40:150] = True
+    (tmp_path / "m.png").write_bytes(encode_png(mask.numpy()))
+    masks = ["--gen-mask", str(tmp_path / "m.png"), "--ref-mask", str(tmp_path / "m.png")]
+    args = ["compare", "--json", "--size", "192", "--metric", "sscd", "--sscd", path, *masks]
+    assert main([*args, str(tmp_path / "a.png"), str(tmp_path / "a.png")]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["label"] == "VM" and same["m_full"] == pytest.approx(1.0, abs=1e-5)
+    assert main([*args, str(tmp_path / "a.png"), str(tmp_path / "b.png")]) == 0
+    other = json.loads(capsys.readouterr().out)
+    expected = SSCDModel(path).similarity(photos["coffee"][None], photos["rocket"][None])
+    assert other["m_full"] == pytest.approx(float(expected[0]), abs=1e-5)
+    assert (
+        main(["compare", "--metric", "sscd", str(tmp_path / "a.png"), str(tmp_path / "b.png")]) == 2
+    )
