@@ -23,6 +23,7 @@ DEMO_SIZE = 256  # canonical size of the demos' reference store: fast on a CPU
 
 def replication_references(root: Path) -> Path:
     """Build the replication set under `root`; return a reference table for build_reference."""
+    root = root.resolve()  # the table is read from its own folder: store absolute paths
     build_replication_set(root, size=512)
     refs = pd.read_csv(root / "references.csv")
     refs["path"] = [str(root / p) for p in refs["path"]]
@@ -32,7 +33,7 @@ def replication_references(root: Path) -> Path:
 
 
 def demo_replay(config: FullScanConfig) -> tuple[FullScanConfig, pd.DataFrame]:
-    root = Path(config.out) / "replication"
+    root = (Path(config.out) / "replication").resolve()
     table = replication_references(root)
     manifest = pd.read_csv(root / "replication.csv")
     prompt_of = {r: i for i, r in enumerate(pd.read_csv(table)["ref_id"])}

@@ -178,6 +178,10 @@ class Match:
         from scanner.reference import ReferenceStore
 
         self.refs = ReferenceStore(reference, device=device)
+        if len(self.refs) == 0:
+            raise ValueError(
+                f"reference store {reference} holds no references (see its errors table); nothing to match against"
+            )
         self.top_k, self.tau, self.beta = top_k, tau, beta
         self.metric = load_metric(metric, sscd, device)
         self.device = torch.device(device)
@@ -205,7 +209,7 @@ class Match:
         for i in rows:
             out["image_png"][i] = encode_png(to_float(batch["image"][i]))
             out["fg_mask_png"][i] = encode_png(batch["fg_mask"][i])
-        if len(rows) == 0 or len(self.refs) == 0:
+        if len(rows) == 0:
             return {**batch, **out}
         scores, cand = self._candidates(rows, batch["embedding"])
         unique = np.unique(cand[cand >= 0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -88,3 +90,13 @@ def test_config_file_and_overrides(tmp_path):
         load_config(str(path), {})
     with pytest.raises(ValueError, match="--reference"):
         load_config(None, {"model": "/m"})
+
+
+def test_demo_reference_table_works_from_a_relative_output_folder(tmp_path, monkeypatch):
+    from scanner.demo_inputs import replication_references
+    from scanner.sources import list_images
+
+    monkeypatch.chdir(tmp_path)
+    table = replication_references(Path("scans") / "demo" / "replication")
+    listed = list_images(table, "caption")
+    assert len(listed) == 10 and all(Path(p).is_file() for p in listed["path"])
