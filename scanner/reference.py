@@ -115,15 +115,19 @@ def build_reference(
     run_local(pending, stages, config.batch_size, collector)
     seconds = progress.close()
 
-    embeddings = (
-        tables.read("references", ["embedding"]).column("embedding").to_numpy(zero_copy_only=False)
+    # The index streams the embeddings shard by shard: memory stays bounded by one shard.
+    total = tables.count("references")
+    chunks = (
+        np.stack(pq.read_table(part, columns=["embedding"]).column("embedding").to_pylist()).astype(
+            np.float32
+        )
+        for part in tables.parts("references")
     )
-    matrix = (
-        np.stack(embeddings).astype(np.float32)
-        if len(embeddings)
-        else np.zeros((0, stages[2].embedder.dim), np.float32)
+    index = (
+        CandidateIndex.build_from_chunks(chunks, total=total, exact_limit=config.exact_limit)
+        if total
+        else None
     )
-    index = CandidateIndex.build(matrix, exact_limit=config.exact_limit) if len(matrix) else None
     if index is not None:
         index.save(out / "index")
     manifest = {
