@@ -223,3 +223,14 @@ def test_bad_masks_and_ranges(scene):
         score_pairs(gens, refs, gen_fg[:, :10], ref_fg)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         score_pairs(gens * 255, refs, gen_fg, ref_fg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_cpu(scene):
+    gens, refs, gen_fg, ref_fg = scene
+    cpu = score_pairs(gens, refs, gen_fg, ref_fg)
+    gpu = score_pairs(gens.cuda(), refs.cuda(), gen_fg.cuda(), ref_fg.cuda())
+    for field in ("m_full", "m_fg", "m_bg"):
+        np.testing.assert_allclose(getattr(gpu, field), getattr(cpu, field), atol=1e-4)
+    assert gpu.label.tolist() == cpu.label.tolist()
