@@ -28,6 +28,7 @@ from scanner.mitigation.search import (
     search_neurons,
 )
 from scanner.neurons import neuron_mask_to_scales, scale_neurons, value_layers
+from scanner.similarity import blur
 
 # NeMo's similarity is torchmetrics' MS-SSIM as its code calls it: Gaussian window of 11 taps,
 # sigma 1.5, K = (0.01, 0.03), 2x2 average pooling between scales (see noise_ms_ssim).
@@ -151,10 +152,10 @@ def noise_ms_ssim(x: torch.Tensor, y: torch.Tensor, weights: Sequence[float]) ->
             x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
         data_range = torch.maximum(_value_range(x), _value_range(y))
         c1, c2 = (_K1 * data_range) ** 2, (_K2 * data_range) ** 2
-        mu_x, mu_y = _blur(x, window), _blur(y, window)
-        var_x = (_blur(x * x, window) - mu_x**2).clamp(min=0)
-        var_y = (_blur(y * y, window) - mu_y**2).clamp(min=0)
-        cov = _blur(x * y, window) - mu_x * mu_y
+        mu_x, mu_y = blur(x, window), blur(y, window)
+        var_x = (blur(x * x, window) - mu_x**2).clamp(min=0)
+        var_y = (blur(y * y, window) - mu_y**2).clamp(min=0)
+        cov = blur(x * y, window) - mu_x * mu_y
         term = (2 * cov + c2) / (var_x + var_y + c2)
         if level == len(weights) - 1:
             term = term * (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
@@ -184,14 +185,6 @@ def _gaussian_window(device: torch.device) -> torch.Tensor:
     offsets = torch.arange(_WINDOW, dtype=torch.float64) - _WINDOW // 2
     window = torch.exp(-((offsets / _SIGMA) ** 2) / 2)
     return (window / window.sum()).to(device=device, dtype=torch.float32)
-
-
-def _blur(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian filter per channel, valid positions only (no padding)."""
-    channels = x.shape[1]
-    rows = window.view(1, 1, 1, -1).expand(channels, 1, 1, _WINDOW)
-    cols = window.view(1, 1, -1, 1).expand(channels, 1, _WINDOW, 1)
-    return F.conv2d(F.conv2d(x, rows, groups=channels), cols, groups=channels)
 
 
 def _check_side(side: int, scales: int) -> None:
