@@ -55,7 +55,8 @@ def dashboard_status(url: str, token: str | None = None) -> int | None:
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A Ray head on 127.0.0.1 with token auth; yields (dashboard URL, client environment)."""
+    """A Ray head on 127.0.0.1 with token auth: yields its dashboard URL, the environment a
+    client needs (token, venv on PATH) and its temp dir."""
     marker = uuid.uuid4().hex
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray puts sockets in it
     token_file = tmp_path / "auth_token"
