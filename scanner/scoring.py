@@ -116,14 +116,19 @@ def plan_tiles(
     )
 
 
+def variants(images: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    """(N, 3, C, H, W): each image whole, foreground-masked and background-masked (masked
+    pixels 0, Algorithm 1's x ⊙ S), in the order of the variant codes WHOLE, FG, BG."""
+    m = fg.unsqueeze(1).to(images.device, images.dtype)
+    return torch.stack([images, images * m, images * (1 - m)], dim=1)
+
+
 def variant_stats(
     images: torch.Tensor, fg: torch.Tensor, spec: SSIMSpec, storage: torch.dtype
 ) -> list:
     """Statistics of whole, fg-masked and bg-masked variants; row i*3 + v is image i, variant v."""
     images = images.to(torch.promote_types(images.dtype, torch.float32))
-    m = fg.unsqueeze(1).to(images.dtype)
-    variants = torch.stack([images, images * m, images * (1 - m)], dim=1)  # (N, 3, C, H, W)
-    stats = image_stats(variants.flatten(0, 1), spec)
+    stats = image_stats(variants(images, fg).flatten(0, 1), spec)
     return (
         [level.with_image_dtype(storage) for level in stats] if storage != images.dtype else stats
     )

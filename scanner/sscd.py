@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scanner.scoring import BG, FG, N_VARIANTS, REGION_VARIANTS, WHOLE
+from scanner.scoring import N_VARIANTS, REGION_VARIANTS, variants
 
 SSCD_SIZE = 320  # SSCD README: resize straight to a 320 x 320 square ("skew_320") for batching
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SSCD README's Normalize: torchvision's ImageNet statistics
@@ -124,12 +124,8 @@ class SSCDModel:
         chunk = max(1, self.batch_size // N_VARIANTS)
         out = []
         for i in range(0, images.shape[0], chunk):
-            x = images[i : i + chunk].float()
-            m = fg[i : i + chunk].to(x.device, x.dtype).unsqueeze(1)
-            by_code = {WHOLE: x, FG: x * m, BG: x * (1 - m)}
-            # (n, 3, C, H, W): every image's variants side by side, embedded in one call
-            variants = torch.stack([by_code[c] for c in range(N_VARIANTS)], dim=1)
-            out.append(self.embed(variants.flatten(0, 1)).view(x.shape[0], N_VARIANTS, -1))
+            x = variants(images[i : i + chunk].float(), fg[i : i + chunk])  # embedded in one call
+            out.append(self.embed(x.flatten(0, 1)).view(x.shape[0], N_VARIANTS, -1))
         return torch.cat(out)
 
     def region_scores(
