@@ -95,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     # 3. Scan directory: same config -> same shards; finished shards are skipped
     resolved = dataclasses.asdict(config) | {"reference": reference}
     tables = ShardedTables(out, SCAN_TABLES)
-    tables.prepare(
-        config_digest({k: v for k, v in resolved.items() if k not in ("report", "resources")}),
-        overwrite=False,
-    )
+    # Resources change where work runs, not what it computes, except the generator's batch
+    # size: calls are padded to it, and it moves the images' lowest bits (docs/generation.md).
+    results_config = {k: v for k, v in resolved.items() if k not in ("report", "resources")}
+    results_config["generate_batch_size"] = config.resources_for("generate").batch_size
+    tables.prepare(config_digest(results_config), overwrite=False)
     if not tables.is_done(PROMPTS_SHARD):
         write_prompts(tables, items)
     per_shard = config.shard_size * config.n_per_prompt

@@ -279,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     mitigation = dataclasses.asdict(options)
     resolved = dataclasses.asdict(config) | {"reference": reference, "mitigation": mitigation}
     tables = ShardedTables(out, TABLES)
-    digest = config_digest({k: v for k, v in resolved.items() if k not in ("report", "resources")})
+    # Resources change where work runs, not what it computes, except the generator's batch
+    # size: calls are padded to it, and it moves the images' lowest bits (docs/generation.md).
+    results_config = {k: v for k, v in resolved.items() if k not in ("report", "resources")}
+    results_config["generate_batch_size"] = config.resources_for("generate").batch_size
+    digest = config_digest(results_config)
     tables.prepare(digest, overwrite=False)
     if not tables.is_done(PROMPTS_SHARD):
         write_prompts(
