@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from scanner.driver import Progress, ShardCollector, run_local, split_shards
+from scanner.driver import Progress, ShardCollector, error_row, run_local, split_shards
 from scanner.embed import EmbedConfig
-from scanner.images import DEFAULT_SIZE, check_size, decode_mask_png, load_image
+from scanner.images import DEFAULT_SIZE, check_size, decode_mask_png, encode_png, load_image
 from scanner.segment import SegmenterConfig
 from scanner.sources import list_images
 from scanner.stages import Embed, LoadImages, Segment, error_json
@@ -66,9 +66,6 @@ def reference_items(src: str | Path):
 
 
 def _reference_rows(batch: dict):
-    from scanner.driver import error_row
-    from scanner.images import encode_png
-
     for i in range(len(batch["item_id"])):
         if batch["error"][i]:
             yield batch["shard"][i], {"errors": [error_row(batch, i)]}
@@ -154,16 +151,20 @@ class ReferenceStore:
         from scanner.retrieve import CandidateIndex
 
         self.root = Path(path)
-        if not (self.root / "manifest.json").exists():
-            raise ValueError(
-                f"{self.root}: not a reference store (no manifest.json); build one with `fbmem build-reference`"
-            )
-        self.manifest = json.loads((self.root / "manifest.json").read_text())
+        self.manifest = self.read_manifest(path)
         self.image_size = self.manifest["config"]["size"]
         tables = ShardedTables(self.root, TABLES)
         self.parts = tables.parts("references")
-        counts = [pq.ParquetFile(p).metadata.num_rows for p in self.parts]
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        # Where every row group starts (in store rows): one metadata read per file, here, so
+        # that `load` on the scoring hot path opens no file but the row group it reads.
+        self.group_starts, self.groups = [], []
+        start = 0
+        for part, file in enumerate(self.parts):
+            meta = pq.ParquetFile(file).metadata
+            for group in range(meta.num_row_groups):
+                self.group_starts.append(start)
+                self.groups.append((part, group))
+                start += meta.row_group(group).num_rows
         self.ref_ids = tables.read("references", ["ref_id"]).column("ref_id").to_pylist()
         self.index = (
             CandidateIndex.load(self.root / "index", device=device) if self.ref_ids else None
@@ -187,14 +188,9 @@ class ReferenceStore:
 
     def load(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(3, S, S) float image in [0, 1] and (S, S) bool mask of reference row `row`."""
-        part = bisect.bisect_right(self.offsets, row) - 1
-        local = row - int(self.offsets[part])
-        meta = pq.ParquetFile(self.parts[part]).metadata
-        group, start = 0, 0
-        while start + meta.row_group(group).num_rows <= local:
-            start += meta.row_group(group).num_rows
-            group += 1
-        table = self._row_group(part, group)
-        image = load_image(table.column("image")[local - start].as_py(), self.image_size)
-        mask = decode_mask_png(table.column("fg_mask")[local - start].as_py())
+        i = bisect.bisect_right(self.group_starts, row) - 1
+        table = self._row_group(*self.groups[i])
+        local = row - self.group_starts[i]
+        image = load_image(table.column("image")[local].as_py(), self.image_size)
+        mask = decode_mask_png(table.column("fg_mask")[local].as_py())
         return torch.from_numpy(image), torch.from_numpy(mask)
