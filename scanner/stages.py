@@ -75,17 +75,17 @@ class Generate:
         self.size = out_size  # the reference store's canonical size
 
     def _scales(self, neurons: list[list], alphas: np.ndarray) -> dict[int, torch.Tensor] | None:
+        """Per-sample channel scales; rows of different methods may carry different alphas,
+        so `neuron_mask_to_scales` runs once per alpha and the (disjoint) results multiply."""
+        from scanner.neurons import neuron_mask_to_scales
+
         if not any(neurons):
             return None
-        sizes = {layer.index: layer.size for layer in self.layers}
         scales: dict[int, torch.Tensor] = {}
-        for row, chosen in enumerate(neurons):
-            for layer, channel in chosen:
-                if layer not in sizes or not 0 <= channel < sizes[layer]:
-                    raise ValueError(f"neuron ({layer}, {channel}) does not exist in this UNet")
-                scales.setdefault(layer, torch.ones(len(neurons), sizes[layer]))[row, channel] = (
-                    float(alphas[row])
-                )
+        for alpha in np.unique(alphas):
+            rows = [chosen if a == alpha else [] for chosen, a in zip(neurons, alphas)]
+            for layer, scale in neuron_mask_to_scales(rows, self.layers, float(alpha)).items():
+                scales[layer] = scales[layer] * scale if layer in scales else scale
         return scales
 
     def __call__(self, batch: Batch) -> Batch:
