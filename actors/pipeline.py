@@ -57,6 +57,7 @@ def scan_stages(config: FullScanConfig, reference: str, from_files: bool) -> lis
         "beta": config.beta,
         "metric": config.metric,
         "sscd": config.sscd,
+        "match_by": config.match_by,
     }
     return [
         first,

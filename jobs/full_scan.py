@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
 from actors.pipeline import run_shards, scan_stages, start_ray
 from scanner.demo_inputs import demo_replay, demo_tiny_sd
 from scanner.driver import Progress, split_shards
+from scanner.fbmem import MATCH_BY
 from scanner.plan import generation_items, load_config, reference_store
 from scanner.prompts import load_prompts
 from scanner.scan import PROMPTS_SHARD, SCAN_TABLES, scan_rows, write_prompts
@@ -60,6 +61,12 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, dict, bool]:
     p.add_argument("--top-k", type=int)
     p.add_argument("--tau", type=float)
     p.add_argument("--beta", type=float)
+    p.add_argument(
+        "--match-by",
+        choices=MATCH_BY,
+        help="each generation's one match: highest (M_fg + M_bg) / 2 (mean, default), M_full, "
+        "or the most severe label (a worst-case audit view)",
+    )
     p.add_argument("--shard-size", type=int)
     args = vars(p.parse_args(argv))
     config_path, overwrite = args.pop("config"), args.pop("overwrite")

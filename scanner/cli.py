@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU
+from scanner.fbmem import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU, MATCH_BY
 from scanner.images import DEFAULT_SIZE
 from scanner.similarity import METRICS
 
@@ -35,6 +35,17 @@ def _add_fbmem_options(p: argparse.ArgumentParser, size: bool = True) -> None:
     p.add_argument("--metric", choices=(*METRICS, "sscd"), default="ms_ssim")
     p.add_argument("--sscd", metavar="PATH", help="SSCD TorchScript file (with --metric sscd)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+
+
+def _add_match_by(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--match-by",
+        choices=MATCH_BY,
+        default=DEFAULT_MATCH_BY,
+        help="each generation's one match among its candidates: highest (M_fg + M_bg) / 2 "
+        "(mean, default, as the paper's authors), highest M_full (full), or the most severe "
+        "label (most-severe, a worst-case audit view)",
+    )
 
 
 def _add_segmenter_options(p: argparse.ArgumentParser) -> None:
@@ -186,7 +197,7 @@ def cmd_calibrate(args) -> int:
 def cmd_demo(args) -> int:
     from scanner.demo import run_demo
 
-    run_demo(Path(args.out), size=args.size, device=args.device)
+    run_demo(Path(args.out), size=args.size, device=args.device, match_by=args.match_by)
     return 0
 
 
@@ -233,6 +244,7 @@ def cmd_scan_images(args) -> int:
         beta=args.beta,
         metric=args.metric,
         sscd=args.sscd,
+        match_by=args.match_by,
         segmenter=_segmenter_config(args),
         device=args.device,
         shard_size=args.shard_size,
@@ -318,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=256, help="generations per resumable shard")
     p.add_argument("--overwrite", action="store_true", help="discard an existing scan at --out")
     _add_fbmem_options(p, size=False)
+    _add_match_by(p)
     _add_segmenter_options(p)
     p.set_defaults(func=cmd_scan_images)
 
@@ -390,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="canonical size for the demo (default %(default)s, fast on CPU)",
     )
     p.add_argument("--device", default="cpu")
+    _add_match_by(p)
     p.set_defaults(func=cmd_demo)
     return parser
 

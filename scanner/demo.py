@@ -15,14 +15,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scanner.fbmem import LABELS, score_pairs, select_matches
+from scanner.fbmem import DEFAULT_MATCH_BY, LABELS, score_pairs, select_matches
 from scanner.images import load_image, load_mask
 from scanner.replication import KINDS, build_replication_set
 from scanner.segment import SegmenterConfig, make_segmenter
 
 
 def label_set(
-    manifest: pd.DataFrame, references: pd.DataFrame, root: Path, size: int, masks: str, device: str
+    manifest: pd.DataFrame,
+    references: pd.DataFrame,
+    root: Path,
+    size: int,
+    masks: str,
+    device: str,
+    match_by: str = DEFAULT_MATCH_BY,
 ) -> pd.DataFrame:
     """Each generation against every reference; one row per generation with its match."""
     gens = torch.from_numpy(np.stack([load_image(root / p, size) for p in manifest["gen"]]))
@@ -40,7 +46,7 @@ def label_set(
         torch.from_numpy(gen_fg).to(dev),
         torch.from_numpy(ref_fg).to(dev),
     )
-    matches = select_matches(scores)
+    matches = select_matches(scores, match_by)
     rows = []
     for g, row in enumerate(manifest.itertuples()):
         i = matches[g]
@@ -73,7 +79,9 @@ def confusion(results: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def run_demo(out: Path, size: int = 256, device: str = "cpu") -> dict:
+def run_demo(
+    out: Path, size: int = 256, device: str = "cpu", match_by: str = DEFAULT_MATCH_BY
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     manifest = build_replication_set(out / "replication", size=512)
@@ -85,11 +93,14 @@ def run_demo(out: Path, size: int = 256, device: str = "cpu") -> dict:
         "size": size,
         "generations": len(manifest),
         "references": len(references),
+        "match_by": match_by,
         "runs": {},
     }
     for masks in ("true", "classical"):
         t = time.perf_counter()
-        results = label_set(manifest, references, out / "replication", size, masks, device)
+        results = label_set(
+            manifest, references, out / "replication", size, masks, device, match_by
+        )
         seconds = time.perf_counter() - t
         results.to_csv(out / f"labels_{masks}_masks.csv", index=False)
         table = confusion(results)

@@ -13,6 +13,7 @@ tau = 0.8 is the paper's MS-SSIM verbatim threshold; the paper does not state Al
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -168,25 +169,38 @@ def score_pairs(
     )
 
 
-def select_matches(scores: PairScores) -> dict[int, int]:
-    """Per generation, the row of its match among its scored candidates.
+MatchBy = Literal["mean", "full", "most-severe"]
+MATCH_BY: tuple[str, ...] = get_args(MatchBy)
+DEFAULT_MATCH_BY: MatchBy = "mean"  # what the authors' code ranks by (DESIGN 4.2)
 
-    The generation's label is the most severe over its candidates (VM > FM > BM > NM); its
-    match is the candidate that reached that label with the highest deciding score. Ties
-    go to the lower reference index, so the choice never depends on candidate order.
+
+def select_matches(scores: PairScores, match_by: MatchBy = DEFAULT_MATCH_BY) -> dict[int, int]:
+    """Per generation, the row of its one match among its scored candidates.
+
+    As in the paper, a generation has exactly one match, the training image with the highest
+    similarity, and its label is Algorithm 1's label of that pair. "Similarity" is
+    `mean` ((M_fg + M_bg) / 2, the authors' ranking) or `full` (M_full, the paper's Table 1).
+    `most-severe` is a worst-case audit view, not the paper's: the most severe label over the
+    candidates (VM > FM > BM > NM), then the highest score deciding that label. Ties go to the
+    lower reference index, so the choice never depends on candidate order.
     """
-    decide = np.select(
-        [scores.label == "FM", scores.label == "BM"],
-        [scores.m_fg, scores.m_bg],
-        default=scores.m_full,
-    )
-    severity = (
-        np.vectorize(SEVERITY.__getitem__, otypes=[np.int64])(scores.label)
-        if len(scores)
-        else np.array([])
-    )
-    # Sort by generation, then severity (most severe first), then score (highest first), then ref index.
-    order = np.lexsort((scores.pairs[:, 1], -decide, severity, scores.pairs[:, 0]))
+    if match_by not in MATCH_BY:
+        raise ValueError(f"unknown match_by {match_by!r}; expected one of {MATCH_BY}")
+    if match_by == "mean":
+        keys = [-(scores.m_fg.astype(np.float64) + scores.m_bg) / 2]
+    elif match_by == "full":
+        keys = [-scores.m_full.astype(np.float64)]
+    else:
+        decide = np.select(
+            [scores.label == "FM", scores.label == "BM"],
+            [scores.m_fg, scores.m_bg],
+            default=scores.m_full,
+        )
+        severity = np.array([SEVERITY[label] for label in scores.label], dtype=np.int64)
+        keys = [-decide, severity]
+    # np.lexsort's last key is its primary one: generation, then `keys` from last to first,
+    # then the reference index.
+    order = np.lexsort((scores.pairs[:, 1], *keys, scores.pairs[:, 0]))
     first = np.ones(len(order), dtype=bool)
     first[1:] = scores.pairs[order[1:], 0] != scores.pairs[order[:-1], 0]
     return {int(scores.pairs[i, 0]): int(i) for i in order[first]}

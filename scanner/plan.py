@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU
+from scanner.fbmem import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU, MATCH_BY
 from scanner.store import gen_id
 
 STAGES = ("generate", "load", "segment", "embed", "match", "localize")
@@ -57,6 +57,9 @@ class FullScanConfig:
     beta: float = DEFAULT_BETA
     metric: str = "ms_ssim"  # ms_ssim (the paper's), ssim or sscd
     sscd: str | None = None  # SSCD TorchScript file, for metric sscd
+    match_by: str = (
+        DEFAULT_MATCH_BY  # one match per generation (DESIGN 4.2): mean, full, most-severe
+    )
     segmenter: str = "classical"
     birefnet: str | None = None
     trust_remote_code: bool = False
@@ -122,6 +125,8 @@ def validate(config: FullScanConfig) -> None:
         raise ValueError(
             "give --reference STORE or --reference-images SRC (training images to build one from)"
         )
+    if config.match_by not in MATCH_BY:
+        raise ValueError(f"match_by must be one of {MATCH_BY}, got {config.match_by!r}")
     if config.n_per_prompt < 1 or config.shard_size < 1 or config.top_k < 0:
         raise ValueError("n_per_prompt and shard_size must be >= 1 and top_k >= 0")
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from scanner.driver import Progress, ShardCollector, error_row, run_local, split_shards
 from scanner.embed import EmbedConfig
-from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU
+from scanner.fbmem import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU
 from scanner.segment import SegmenterConfig
 from scanner.sources import list_images
 from scanner.stages import Embed, LoadImages, Match, Segment, error_json
@@ -35,6 +35,7 @@ class ScanConfig:
     beta: float = DEFAULT_BETA
     metric: str = "ms_ssim"  # ms_ssim, ssim or sscd
     sscd: str | None = None  # SSCD TorchScript file, for metric sscd
+    match_by: str = DEFAULT_MATCH_BY  # one match per generation: highest mean, full, or most-severe
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     device: str = "cpu"
     shard_size: int = 256  # generations per resumable shard
@@ -151,6 +152,7 @@ def scan_images(
         config.metric,
         config.device,
         sscd=config.sscd,
+        match_by=config.match_by,
     )
     segment = Segment(config.segmenter)
     embed = Embed(reference_embed_config(match.refs.manifest, config.device))

@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU, load_metric, score_pairs, select_matches
+from scanner.fbmem import (
+    DEFAULT_BETA,
+    DEFAULT_MATCH_BY,
+    DEFAULT_TAU,
+    load_metric,
+    score_pairs,
+    select_matches,
+)
 from scanner.images import ImageError, canonical, encode_png, load_image
 
 Batch = dict[str, np.ndarray]
@@ -160,7 +167,8 @@ class Embed:
 class Match:
     """Prefilter top-k candidates, score them exactly with Algorithm 1, pick the match.
 
-    Adds `label`, `ref_id`, `m_full`, `m_fg`, `m_bg` (of the match), `matches` (JSON list
+    Adds `label`, `ref_id`, `m_full`, `m_fg`, `m_bg` (of the one match, chosen by `match_by`:
+    see `scanner.fbmem.select_matches`), `matches` (JSON list
     of every scored candidate) and the PNG bytes of image and mask for the tables.
     """
 
@@ -174,6 +182,7 @@ class Match:
         device: str = "cpu",
         cache_size: int = 4096,
         sscd: str | None = None,
+        match_by: str = DEFAULT_MATCH_BY,
     ):
         from scanner.reference import ReferenceStore
 
@@ -182,7 +191,7 @@ class Match:
             raise ValueError(
                 f"reference store {reference} holds no references (see its errors table); nothing to match against"
             )
-        self.top_k, self.tau, self.beta = top_k, tau, beta
+        self.top_k, self.tau, self.beta, self.match_by = top_k, tau, beta, match_by
         self.metric = load_metric(metric, sscd, device)
         self.device = torch.device(device)
         self._load = lru_cache(maxsize=cache_size)(self.refs.load)
@@ -226,7 +235,7 @@ class Match:
             beta=self.beta,
             metric=self.metric,
         )
-        chosen = select_matches(result)
+        chosen = select_matches(result, self.match_by)
         per_gen: dict[int, list[dict]] = {}
         for p, (g, j) in enumerate(result.pairs):
             ref_row = int(unique[j])

@@ -182,21 +182,38 @@ def _scores(rows):
     )
 
 
-def test_match_is_most_severe_then_best_deciding_score():
-    scores = _scores(
-        [
-            ((0, 0), 0.5, 0.85, 0.9, "FM"),
-            ((0, 1), 0.6, 0.82, 0.99, "FM"),  # higher M_bg but FM is decided by M_fg
-            ((0, 2), 0.7, 0.5, 0.95, "BM"),  # less severe
-            ((1, 0), 0.3, 0.2, 0.1, "NM"),
-            ((1, 1), 0.4, 0.2, 0.1, "NM"),  # NM decided by M_full: the highest
-            ((2, 3), 0.81, 0.1, 0.1, "VM"),
-            ((2, 4), 0.5, 0.9, 0.9, "FM"),
-            ((3, 5), 0.6, 0.9, 0.1, "FM"),
-            ((3, 2), 0.6, 0.9, 0.1, "FM"),  # exact tie: lower reference index wins
-        ]
-    )
-    assert select_matches(scores) == {0: 0, 1: 4, 2: 5, 3: 8}
+_CANDIDATES = [
+    ((0, 0), 0.5, 0.85, 0.9, "FM"),  # mean 0.875
+    ((0, 1), 0.6, 0.82, 0.99, "FM"),  # mean 0.905: highest mean; higher M_bg, same label
+    ((0, 2), 0.7, 0.5, 0.95, "BM"),  # highest M_full, less severe
+    ((1, 0), 0.3, 0.2, 0.1, "NM"),
+    ((1, 1), 0.4, 0.2, 0.15, "NM"),  # highest by every measure
+    ((2, 3), 0.81, 0.1, 0.1, "VM"),  # most severe, highest M_full, lowest mean
+    ((2, 4), 0.5, 0.9, 0.9, "FM"),  # highest mean: the paper's match is FM, not VM
+    ((3, 5), 0.6, 0.9, 0.1, "FM"),
+    ((3, 2), 0.6, 0.9, 0.1, "FM"),  # exact tie: lower reference index wins
+]
+
+
+@pytest.mark.parametrize(
+    "match_by,expected",
+    [
+        ("mean", {0: 1, 1: 4, 2: 6, 3: 8}),
+        ("full", {0: 2, 1: 4, 2: 5, 3: 8}),
+        ("most-severe", {0: 0, 1: 4, 2: 5, 3: 8}),  # FM decided by M_fg, NM by M_full
+    ],
+)
+def test_one_match_per_generation(match_by, expected):
+    assert select_matches(_scores(_CANDIDATES), match_by) == expected
+
+
+def test_default_match_is_highest_mean_similarity():
+    assert select_matches(_scores(_CANDIDATES)) == select_matches(_scores(_CANDIDATES), "mean")
+
+
+def test_unknown_match_by():
+    with pytest.raises(ValueError, match="match_by"):
+        select_matches(_scores(_CANDIDATES), "max")
 
 
 @pytest.mark.parametrize(

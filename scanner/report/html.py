@@ -191,6 +191,7 @@ are in <code>report/summary.json</code>.</footer>
             f"finished {_when(m.get('finished'))}",
             f"metric {escape(str(cfg.get('metric', 'ms_ssim')))}, τ = {cfg.get('tau', DEFAULT_TAU)}, "
             f"β = {cfg.get('beta', 'n/a')}",
+            f"match by {escape(str(cfg.get('match_by', 'most-severe')))}",
         ]
         links = [
             ("distribution", "Distribution"),
@@ -242,11 +243,25 @@ are in <code>report/summary.json</code>.</footer>
             ["method", "generations", *[LABEL_NAMES[lab] for lab in LABELS]], rows, {1, 2, 3, 4, 5}
         )
         return f"""<section class="panel" id="distribution"><h2>Memorization distribution</h2>
-<p class="lead">Each generation gets the most severe label over its candidate training images
-(Algorithm 1): verbatim if the whole images agree (M_full ≥ τ), else foreground if the foreground
+<p class="lead">{self.match_rule()} Labels follow Algorithm 1: verbatim if the whole images agree (M_full ≥ τ), else foreground if the foreground
 regions agree (M_fg ≥ τ), else background (M_bg ≥ τ), else not memorized.</p>
 <div class="split"><img class="plot" src="{self.plots["distribution"].name}" alt="distribution per method">
 <div>{table}</div></div></section>"""
+
+    def match_rule(self) -> str:
+        """How this scan picked each generation's one match (scans before `match_by` existed
+        used the most severe label)."""
+        match_by = self.run_config.get("match_by", "most-severe")
+        return {
+            "mean": "Each generation is labelled by its one match: the candidate training image "
+            "with the highest (M_fg + M_bg) / 2, as the paper's authors rank.",
+            "full": "Each generation is labelled by its one match: the candidate training image "
+            "with the highest M_full (the paper's Table 1).",
+        }.get(
+            match_by,
+            "Each generation gets the most severe label over its candidate training images "
+            "(a worst-case audit view, not the paper's single best match).",
+        )
 
     def one_to_many_section(self) -> str:
         table = self.aggregates.one_to_many
