@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Inputs
     if config.demo == "replay":
         config, items = demo_replay(config)
+        prompts = items
     else:
         if config.demo == "tiny-sd":
             config = demo_tiny_sd(config)
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     results_config["generate_batch_size"] = config.resources_for("generate").batch_size
     tables.prepare(config_digest(results_config), overwrite=False)
     if not tables.is_done(PROMPTS_SHARD):
-        write_prompts(tables, items)
+        write_prompts(tables, prompts)
     per_shard = config.shard_size * config.n_per_prompt
     shards = split_shards(items, per_shard)
     pending = [(s, part) for s, part in shards if not tables.is_done(s)]

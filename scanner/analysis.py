@@ -158,6 +158,47 @@ def top_references(labels: pd.DataFrame, k: int = TOP_REFERENCES) -> pd.DataFram
     return counts.head(k).reset_index(drop=True)
 
 
+def designed_vs_found(labels: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFrame | None:
+    """Per (method, group, designed): label counts of the generations, when the prompt source
+    carries ground truth (`designed`; `group` splits it further, e.g. the organism's held-out
+    captions with and without a concept word). None when no prompt has a designed label."""
+    _check_labels(labels, ["prompt_id", "method", "label"])
+    if "designed" not in prompts.columns or prompts["designed"].isna().all():
+        return None
+    truth = prompts.drop_duplicates("prompt_id").set_index("prompt_id")
+    group = truth["group"] if "group" in truth.columns else truth["designed"]
+    tagged = labels.assign(
+        group=labels["prompt_id"].map(group.fillna(truth["designed"])).fillna("(none)"),
+        designed=labels["prompt_id"].map(truth["designed"]).fillna("(none)"),
+    )
+    counts = _label_counts(tagged, ["method", "group", "designed"])
+    hit = [
+        row[d] if d in LABELS else 0
+        for d, (_, row) in zip(counts.index.get_level_values("designed"), counts.iterrows())
+    ]
+    counts["as_designed"] = np.asarray(hit, dtype=np.int64)
+    counts = counts.reset_index()
+    return counts.sort_values(["method", "group"], key=_method_rank, ignore_index=True)
+
+
+def nearest_similarity(
+    labels: pd.DataFrame, matches: pd.DataFrame, prompts: pd.DataFrame
+) -> pd.DataFrame | None:
+    """Per (method, group): how close generations come to their nearest training image, the
+    highest M_full over their scored candidates (mean, median, min, max). None without groups."""
+    if "designed" not in prompts.columns or prompts["designed"].isna().all() or matches.empty:
+        return None
+    truth = prompts.drop_duplicates("prompt_id").set_index("prompt_id")
+    group = truth["group"] if "group" in truth.columns else truth["designed"]
+    best = matches.groupby("gen_id")["m_full"].max().rename("nearest_m_full")
+    tagged = labels.set_index("gen_id").join(best, how="inner")
+    tagged["group"] = tagged["prompt_id"].map(group.fillna(truth["designed"])).fillna("(none)")
+    stats = tagged.groupby(["method", "group"])["nearest_m_full"].agg(
+        ["count", "mean", "median", "min", "max"]
+    )
+    return stats.reset_index().sort_values(["method", "group"], key=_method_rank, ignore_index=True)
+
+
 @dataclass(frozen=True)
 class ScanAggregates:
     """Everything the summary and the report show, computed once from a scan directory."""
@@ -172,6 +213,8 @@ class ScanAggregates:
     cluster_one_to_many: pd.DataFrame | None
     top_references: pd.DataFrame
     errors: pd.DataFrame  # stage, error_type, count
+    designed: pd.DataFrame | None = None  # designed vs found, when prompts carry ground truth
+    nearest: pd.DataFrame | None = None  # nearest training image's M_full per group
 
     def to_dict(self) -> dict:
         def records(frame: pd.DataFrame | None):
@@ -194,6 +237,8 @@ class ScanAggregates:
             "cluster_one_to_many": records(self.cluster_one_to_many),
             "top_references": records(self.top_references),
             "errors": records(self.errors),
+            "designed_vs_found": records(self.designed),
+            "nearest_m_full": records(self.nearest),
         }
 
 
@@ -218,11 +263,23 @@ def aggregate(scan_dir: str | Path, n: int | None = None) -> ScanAggregates:
     scan_dir = Path(scan_dir)
     manifest = read_manifest(scan_dir)
     tables = ShardedTables(scan_dir, SUMMARY_TABLES)
-    labels = tables.read("labels", LABEL_COLUMNS).to_pandas()
-    prompts = tables.read("prompts", ["prompt_id", "cluster_id"]).to_pandas()
+    labels = tables.read("labels", ["gen_id", *LABEL_COLUMNS]).to_pandas()
+    prompts = tables.read(
+        "prompts",
+        tables.present("prompts", ["prompt_id", "cluster_id", "designed", "concept", "group"]),
+    ).to_pandas()
     errors = tables.read("errors", ["stage", "error_type"]).to_pandas()
     n = generations_per_prompt(manifest, labels) if n is None else n
     clustered = has_clusters(prompts)
+    designed = designed_vs_found(labels, prompts)
+    # The nearest training image needs every scored candidate: read only with ground truth.
+    nearest = (
+        nearest_similarity(
+            labels, tables.read("matches", ["gen_id", "m_full"]).to_pandas(), prompts
+        )
+        if designed is not None
+        else None
+    )
     return ScanAggregates(
         scan_dir=scan_dir,
         manifest=manifest,
@@ -234,6 +291,8 @@ def aggregate(scan_dir: str | Path, n: int | None = None) -> ScanAggregates:
         cluster_one_to_many=cluster_one_to_many(labels, prompts, n) if clustered else None,
         top_references=top_references(labels),
         errors=errors.groupby(["stage", "error_type"]).size().rename("count").reset_index(),
+        designed=designed,
+        nearest=nearest,
     )
 
 

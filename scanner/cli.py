@@ -262,6 +262,27 @@ def cmd_scan_images(args) -> int:
     return 0
 
 
+def cmd_organism_train(args) -> int:
+    import dataclasses
+
+    from scanner.organism.train import TrainConfig, train_organism
+
+    config = TrainConfig()
+    overrides = {
+        k: v
+        for k, v in {
+            "vae_steps": args.vae_steps,
+            "unet_steps": args.unet_steps,
+            "seed": args.seed,
+            "threads": args.threads,
+        }.items()
+        if v is not None
+    }
+    recipe = train_organism(args.out, dataclasses.replace(config, **overrides))
+    print(json.dumps({"out": args.out, **recipe["seconds"]}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fbmem",
@@ -388,6 +409,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--reference", help="reference store, if it moved since the scan")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser(
+        "organism",
+        help="the memorization model organism: a small diffusion model that memorizes by design",
+    )
+    org = p.add_subparsers(dest="organism_command", required=True)
+    p = org.add_parser(
+        "train",
+        help="(re)train it from scratch into a diffusers folder (about 30 minutes on 2 cores)",
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder (a diffusers pipeline + recipe.json)"
+    )
+    p.add_argument("--vae-steps", type=int, help="VAE training steps (default: the recipe's)")
+    p.add_argument("--unet-steps", type=int, help="UNet training steps (default: the recipe's)")
+    p.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
+    p.add_argument("--threads", type=int, help="CPU threads (default 2; the result depends on it)")
+    p.set_defaults(func=cmd_organism_train)
 
     p = sub.add_parser(
         "demo",

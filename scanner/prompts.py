@@ -20,9 +20,13 @@ TEXT_COLUMNS = ("prompt", "caption", "Caption", "text")
 
 
 def _bundled(name: str) -> pd.DataFrame:
+    """A bundled set; its expected label goes to `designed`: the memorized set's VM/TM type
+    (verbatim / template memorization, Webster 2023), NM for the control set."""
     path = files("scanner") / "data" / BUNDLED[name]
     table = pd.read_csv(str(path), sep=";", index_col=0, keep_default_na=False)
-    return table.rename(columns={"Caption": "prompt"}).reset_index(drop=True)
+    table = table.rename(columns={"Caption": "prompt"}).reset_index(drop=True)
+    table["designed"] = table["type"] if "type" in table.columns else "NM"
+    return table
 
 
 def _error(message: str) -> str:

@@ -156,6 +156,7 @@ class Page:
         sections = [
             self.distribution_section() if labelled else self.nothing_labelled(),
             self.one_to_many_section() if labelled else "",
+            self.designed_section(),
             self.clusters_section(),
             self.mitigation_section(),
             self.gallery_section(),
@@ -196,6 +197,7 @@ are in <code>report/summary.json</code>.</footer>
         links = [
             ("distribution", "Distribution"),
             ("one-to-many", "One-to-many"),
+            ("designed", "Designed vs found") if self.aggregates.designed is not None else None,
             ("clusters", "Clusters") if self.aggregates.clusters is not None else None,
             ("mitigation", "Mitigation") if "mitigation" in self.plots else None,
             ("gallery-section", "Gallery"),
@@ -296,6 +298,48 @@ by how many distinct training images they matched. Prompts with no memorized gen
 category.</p>
 <div class="split"><img class="plot" src="{self.plots["one_to_many"].name}" alt="one-to-many histogram">
 <div class="scroll">{html_table}</div></div></section>"""
+
+    def designed_section(self) -> str:
+        """Designed vs found: only for prompt sources that carry ground truth (`designed`)."""
+        designed = self.aggregates.designed
+        if designed is None:
+            return ""
+        nearest = self.aggregates.nearest
+        close = (
+            {(r.method, r.group): r for r in nearest.itertuples()} if nearest is not None else {}
+        )
+        rows = []
+        for r in designed.itertuples():
+            near = close.get((r.method, r.group))
+            rows.append(
+                [
+                    r.method,
+                    r.group,
+                    r.designed,
+                    _num(r.total),
+                    *[_num(getattr(r, lab)) for lab in LABELS],
+                    f"{r.as_designed / r.total:.0%}" if r.designed in LABELS else "n/a",
+                    f"{near.median:.3f} ({near.min:.3f}-{near.max:.3f})" if near else "",
+                ]
+            )
+        table = _table(
+            [
+                "method",
+                "group",
+                "designed",
+                "generations",
+                *LABELS,
+                "as designed",
+                "nearest M_full: median (range)",
+            ],
+            rows,
+            {3, 4, 5, 6, 7, 8},
+        )
+        return f"""<section class="panel" id="designed"><h2>Designed vs found</h2>
+<p class="lead">The prompts carry the memorization they were designed (or are known) to show; each row
+counts the labels their generations got. "Nearest M_full" is each generation's highest whole-image
+MS-SSIM over its scored training images: how close it comes to copying one.</p>
+<div class="scroll">{table}</div></section>"""
 
     def clusters_section(self) -> str:
         clusters = self.aggregates.clusters
