@@ -146,7 +146,16 @@ def cmd_explain(args) -> int:
 def cmd_cluster(args) -> int:
     from scanner.clustering import run_cluster_command
 
-    run_cluster_command(args.prompts, args.k, args.text_encoder, args.out, limit=args.limit)
+    run_cluster_command(
+        args.prompts,
+        args.k,
+        args.text_encoder,
+        args.out,
+        limit=args.limit,
+        method=args.method,
+        model=args.model,
+        device=args.device,
+    )
     return 0
 
 
@@ -338,10 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompts", help="bundled set (memorized, unmemorized) or CSV/Parquet/text file")
     p.add_argument("--k", type=int, default=12, help="clusters (default %(default)s, the paper's)")
     p.add_argument(
+        "--method",
+        choices=("default", "authors"),
+        default="default",
+        help="default: unit sentence embeddings, 10 k-means restarts; authors: the FB-Mem "
+        "authors' recipe on a Stable Diffusion model's own text-encoder states (needs --model)",
+    )
+    p.add_argument(
         "--text-encoder",
         metavar="PATH",
         help="CLIP folder for the text encoder (default: bundled MiniLM)",
     )
+    p.add_argument(
+        "--model", metavar="PATH", help="Stable Diffusion folder (with --method authors)"
+    )
+    p.add_argument("--device", default="cpu", help="torch device for the text encoder")
     p.add_argument("--limit", type=int, help="first prompts only")
     p.add_argument(
         "--out", required=True, help="Parquet file: prompt_id, prompt, cluster_id, distance"
