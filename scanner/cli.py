@@ -127,8 +127,8 @@ def cmd_report(args) -> int:
     from scanner.analysis import summarize
     from scanner.report.html import build_report
 
-    summarize(args.scan)
-    page = build_report(args.scan, reference=args.reference)
+    summarize(args.scan, count_nm=args.count_nm)
+    page = build_report(args.scan, reference=args.reference, count_nm=args.count_nm)
     print(f"report: {page}")
     return 0
 
@@ -397,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)build a scan's summary, plots and HTML report")
     p.add_argument("scan", help="scan directory")
     p.add_argument("--reference", help="reference store, if it moved since the scan")
+    p.add_argument(
+        "--count-nm",
+        action="store_true",
+        help="one-to-many: count every generation's match, NM included, as the FB-Mem authors' "
+        "script did (default: memorized generations only, the paper's text)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
