@@ -35,7 +35,8 @@ from scanner.clustering import cluster_prompts
 from scanner.demo_inputs import demo_tiny_sd
 from scanner.driver import Progress, error_row, split_shards
 from scanner.mitigation.localize import LocalizeConfig
-from scanner.mitigation.nemo_c import method_neurons, parse_method
+from scanner.mitigation.nemo_c import NEURON_DTYPES, method_neurons, parse_method
+from scanner.mitigation.published import STATUSES, check_model, lookup_published
 from scanner.mitigation.quality import QualityConfig, make_quality_metric
 from scanner.mitigation.score import mitigation_score
 from scanner.mitigation.signal import SignalConfig
@@ -44,7 +45,8 @@ from scanner.prompts import load_prompts
 from scanner.scan import PROMPTS_SHARD, SCAN_TABLES, scan_rows, write_prompts
 from scanner.store import ShardedTables, config_digest, package_versions, write_manifest
 
-TABLES = (*SCAN_TABLES, "localizations", "neuron_sets")
+TABLES = (*SCAN_TABLES, "localizations", "neuron_sets", "published_sets")
+PUBLISHED_SHARD = "published"
 DEFAULT_METHODS = ("none", "nemo", "nemo-c", "nemo-c:alpha=0.1")
 
 
@@ -85,7 +87,8 @@ def parse_args(argv):
         "--methods",
         nargs="+",
         default=list(DEFAULT_METHODS),
-        help="e.g. none nemo nemo-c nemo-c:alpha=0.1",
+        help="e.g. none nemo nemo-c nemo-c:alpha=0.1; nemo-c:published and nemo:published "
+        "use the FB-Mem authors' SD v1.4 sets (no localization)",
     )
     p.add_argument(
         "--k", type=int, default=12, help="prompt clusters for NeMo-C (default %(default)s)"
@@ -160,6 +163,8 @@ def localize(tables, prompts, config, options) -> pd.DataFrame:
     """Each prompt's refined neuron set (sharded over actors, resumable)."""
     if options.neurons:
         return pd.read_parquet(options.neurons)
+    if not any(parse_method(m).needs_localization for m in options.methods):
+        return pd.DataFrame(columns=list(NEURON_DTYPES)).astype(NEURON_DTYPES)
     items = prompts.assign(item_id=prompts["prompt_id"].astype(str))[
         ["prompt_id", "prompt", "item_id", "error"]
     ]
@@ -190,20 +195,37 @@ def localize(tables, prompts, config, options) -> pd.DataFrame:
 def method_items(prompts, clusters, neuron_sets, config, options) -> list[tuple[str, pd.DataFrame]]:
     """Shards of (prompt, gen_idx, method) items; same seeds under every method."""
     base = generation_items(prompts, config.n_per_prompt, config.seed)
+    usable = prompts[prompts["error"] == ""]  # rows with an error get no neurons
     shards = []
     for index, method in enumerate(options.methods):
-        neurons, alpha = method_neurons(method, base["prompt_id"].tolist(), neuron_sets, clusters)
+        neurons, alpha = method_neurons(
+            method, usable["prompt_id"].tolist(), neuron_sets, clusters, usable["prompt"].tolist()
+        )
+        encoded = {
+            pid: json.dumps(sorted([int(layer), int(c)] for layer, c in n)) if n else ""
+            for pid, n in zip(usable["prompt_id"].tolist(), neurons)
+        }
         items = base.assign(
             method=method,
-            neurons=[
-                json.dumps(sorted([int(layer), int(c)] for layer, c in n)) if n else ""
-                for n in neurons
-            ],
+            neurons=[encoded.get(pid, "") for pid in base["prompt_id"].tolist()],
             alpha=alpha,
         )
         items["item_id"] = [f"{i}@{method}" if method != "none" else i for i in base["item_id"]]
         shards += split_shards(items, config.shard_size * config.n_per_prompt, f"m{index}")
     return shards
+
+
+def published_rows(prompts, options) -> list[dict]:
+    """The `published_sets` rows: what each prompt gets under each `:published` method."""
+    rows = []
+    for method in options.methods:
+        parsed = parse_method(method)
+        if parsed.published:
+            _, table = lookup_published(prompts["prompt"].tolist(), parsed.kind)
+            table.insert(0, "method", method)
+            table.insert(0, "prompt_id", prompts["prompt_id"].to_numpy())
+            rows += table.to_dict("records")
+    return rows
 
 
 # 3. Scores -------------------------------------------------------------------------------------
@@ -233,11 +255,13 @@ def _png_side(png: bytes) -> int:
 
 def score_methods(tables, options) -> dict:
     labels = tables.read("labels").to_pandas()
+    published = tables.read("published_sets", ["method", "status"]).to_pandas()
     pre = labels[labels["method"] == "none"]
     quality, metric = quality_by_method(tables, options)
     rows = []
     for method in options.methods:
         post = labels[labels["method"] == method]
+        counts = published.loc[published["method"] == method, "status"].value_counts()
         result = mitigation_score(pre, post).to_dict() if method != "none" else None
         rows.append(
             {
@@ -248,6 +272,11 @@ def score_methods(tables, options) -> dict:
                 "quality": quality.get(method),
                 "quality_metric": metric.name,
                 "higher_is_better": metric.higher_is_better,
+                "published_sets": (
+                    {s: int(counts.get(s, 0)) for s in STATUSES}
+                    if parse_method(method).published
+                    else None
+                ),
             }
         )
     return {"methods": rows, "baseline_quality": quality.get("none"), "quality_metric": metric.name}
@@ -270,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         options = dataclasses.replace(
             options, latent_side=options.latent_side or 44, k=min(options.k, 2)
         )
+    if any(parse_method(m).published for m in options.methods):
+        try:  # the published sets fit SD v1.4's layers only: refuse before any work
+            check_model(config.model)
+        except ValueError as exc:
+            raise SystemExit(f"mitigate.py: {exc}") from None
     prompts = load_prompts(config.prompts, config.prompt_limit)
     usable = prompts[prompts["error"] == ""]
     clusters = cluster_prompts(usable, k=min(options.k, len(usable)), seed=config.seed)
@@ -291,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             prompts.assign(error=""),
             dict(zip(clusters["prompt_id"], clusters["cluster_id"])),
         )
+    if not tables.is_done(PUBLISHED_SHARD):
+        tables.write_shard(PUBLISHED_SHARD, {"published_sets": published_rows(usable, options)})
 
     # 3. NeMo per prompt, NeMo-C per cluster, then every method's generations, scanned
     start_ray()

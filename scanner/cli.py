@@ -127,8 +127,8 @@ def cmd_report(args) -> int:
     from scanner.analysis import summarize
     from scanner.report.html import build_report
 
-    summarize(args.scan)
-    page = build_report(args.scan, reference=args.reference)
+    summarize(args.scan, count_nm=args.count_nm)
+    page = build_report(args.scan, reference=args.reference, count_nm=args.count_nm)
     print(f"report: {page}")
     return 0
 
@@ -146,7 +146,16 @@ def cmd_explain(args) -> int:
 def cmd_cluster(args) -> int:
     from scanner.clustering import run_cluster_command
 
-    run_cluster_command(args.prompts, args.k, args.text_encoder, args.out, limit=args.limit)
+    run_cluster_command(
+        args.prompts,
+        args.k,
+        args.text_encoder,
+        args.out,
+        limit=args.limit,
+        method=args.method,
+        model=args.model,
+        device=args.device,
+    )
     return 0
 
 
@@ -359,10 +368,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompts", help="bundled set (memorized, unmemorized) or CSV/Parquet/text file")
     p.add_argument("--k", type=int, default=12, help="clusters (default %(default)s, the paper's)")
     p.add_argument(
+        "--method",
+        choices=("default", "authors"),
+        default="default",
+        help="default: unit sentence embeddings, 10 k-means restarts; authors: the FB-Mem "
+        "authors' recipe on a Stable Diffusion model's own text-encoder states (needs --model)",
+    )
+    p.add_argument(
         "--text-encoder",
         metavar="PATH",
         help="CLIP folder for the text encoder (default: bundled MiniLM)",
     )
+    p.add_argument(
+        "--model", metavar="PATH", help="Stable Diffusion folder (with --method authors)"
+    )
+    p.add_argument("--device", default="cpu", help="torch device for the text encoder")
     p.add_argument("--limit", type=int, help="first prompts only")
     p.add_argument(
         "--out", required=True, help="Parquet file: prompt_id, prompt, cluster_id, distance"
@@ -398,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)build a scan's summary, plots and HTML report")
     p.add_argument("scan", help="scan directory")
     p.add_argument("--reference", help="reference store, if it moved since the scan")
+    p.add_argument(
+        "--count-nm",
+        action="store_true",
+        help="one-to-many: count every generation's match, NM included, as the FB-Mem authors' "
+        "script did (default: memorized generations only, the paper's text)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(

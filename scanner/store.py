@@ -95,6 +95,15 @@ SCHEMAS: dict[str, pa.Schema] = {
     "neuron_sets": pa.schema(
         [("prompt_id", pa.int64()), ("layer", pa.int32()), ("channel", pa.int32())]
     ),
+    "published_sets": pa.schema(
+        [
+            ("prompt_id", pa.int64()),
+            ("method", pa.string()),
+            ("authors_cluster", pa.int64()),
+            ("status", pa.string()),
+            ("neurons", pa.int64()),
+        ]
+    ),
     "references": pa.schema(
         [
             ("ref_id", pa.string()),

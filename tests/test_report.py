@@ -299,6 +299,23 @@ def test_mitigation_tradeoff_when_present(scan, tmp_path):
     assert len(gallery_data(page)["cards"]) == 2
 
 
+def test_report_counting_nm_as_the_authors_script(scan, tmp_path):
+    scan_dir, _, _ = scan
+    copy = tmp_path / "scan"
+    shutil.copytree(scan_dir, copy)
+    from scanner.cli import main
+
+    assert main(["report", str(copy), "--count-nm"]) == 0
+    summary = json.loads((copy / "report" / "summary.json").read_text())
+    assert summary["one_to_many_counts_nm"] is True
+    rows = [r for r in summary["one_to_many"] if r["method"] == "none"]
+    assert sum(r["generations"] for r in rows) == 12  # all 4 prompts x N = 3, NM included
+    assert sum(r["NM"] for r in rows) == 12 - 8
+    html = (copy / "report" / "index.html").read_text()
+    section = html[html.index('id="one-to-many"') :]
+    assert "as the FB-Mem authors" in section and ">NM</th>" in section.split("</table>")[0]
+
+
 def test_report_of_scan_without_memorization(scan, tmp_path):
     scan_dir, _, _ = scan
     tables = ShardedTables(tmp_path, ["prompts", "generations", "matches", "labels", "errors"])

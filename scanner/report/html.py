@@ -53,12 +53,16 @@ def build_report(
     *,
     reference: str | Path | None = None,
     config: ReportConfig = ReportConfig(),
+    count_nm: bool = False,
 ) -> Path:
-    """Write `report/` (summary.json, figures, thumbnails, index.html); returns the page's path."""
+    """Write `report/` (summary.json, figures, thumbnails, index.html); returns the page's path.
+
+    `count_nm`: one-to-many tables counted as the FB-Mem authors' script did (NM included).
+    """
     scan_dir = Path(scan_dir)
     report_dir = scan_dir / "report"
     # 1. Aggregates and summary.json
-    aggregates = aggregate(scan_dir)
+    aggregates = aggregate(scan_dir, count_nm=count_nm)
     write_summary(aggregates)
     refs = reference_dir(aggregates.manifest, reference)
     # 2. Figures
@@ -267,35 +271,35 @@ regions agree (M_fg ≥ τ), else background (M_bg ≥ τ), else not memorized.<
 
     def one_to_many_section(self) -> str:
         table = self.aggregates.one_to_many
+        counted = [label for label in LABELS if label in table.columns]  # NM when counted
         rows = [
-            [
-                r.method,
-                r.distinct_refs,
-                _num(r.prompts),
-                _num(r.VM),
-                _num(r.FM),
-                _num(r.BM),
-                _num(r.generations),
-            ]
-            for r in table.itertuples()
+            [r["method"], r["distinct_refs"], *(_num(r[c]) for c in ["prompts", *counted])]
+            + [_num(r["generations"])]
+            for r in table.to_dict("records")
         ]
+        nm = "NM" in counted
         html_table = _table(
             [
                 "method",
                 "distinct training images",
                 "prompts",
-                "VM",
-                "FM",
-                "BM",
-                "memorized generations",
+                *counted,
+                "generations" if nm else "memorized generations",
             ],
             rows,
-            {1, 2, 3, 4, 5, 6},
+            set(range(1, len(counted) + 4)),
+        )
+        lead = (
+            f"For each prompt, all its generations (of N = {self.aggregates.n}), NM included, are "
+            "grouped by how many distinct training images they matched, as the FB-Mem authors' "
+            "script counts (the paper's text counts memorized generations only)."
+            if nm
+            else f"For each prompt, its memorized generations (of N = {self.aggregates.n}) are "
+            "grouped by how many distinct training images they matched. Prompts with no "
+            "memorized generation are in no category."
         )
         return f"""<section class="panel" id="one-to-many"><h2>One prompt, many training images</h2>
-<p class="lead">For each prompt, its memorized generations (of N = {self.aggregates.n}) are grouped
-by how many distinct training images they matched. Prompts with no memorized generation are in no
-category.</p>
+<p class="lead">{lead}</p>
 <div class="split"><img class="plot" src="{self.plots["one_to_many"].name}" alt="one-to-many histogram">
 <div class="scroll">{html_table}</div></div></section>"""
 
