@@ -66,6 +66,9 @@ TINY_TEXT = dict(
     num_hidden_layers=1,
     num_attention_heads=2,
     max_position_embeddings=77,
+    bos_token_id=0,  # inside the tiny vocabulary (CLIP's defaults are 49406 / 49407)
+    eos_token_id=1,
+    pad_token_id=1,
 )
 TINY_VISION = dict(
     hidden_size=32,

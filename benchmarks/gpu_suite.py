@@ -127,7 +127,7 @@ SMOKE = Profile(
     full=False,
     size=192,  # the smallest comfortable size for 5-scale MS-SSIM (161 px minimum)
     gen_size=64,
-    steps=4,
+    steps=2,
     batches=(1, 2),
     dense=(2, 2),
     sparse=(2, 4, 2),
@@ -211,7 +211,8 @@ class Recorder:
             value = line["value"]
             shown = "" if value is None else f"{value:,.4g}" if isinstance(value, float) else value
             cells = (line["section"], line["figure"], line["label"], shown, line["unit"] or "")
-            rows.append("| " + " | ".join(map(str, (*cells, line["status"]))) + " |")
+            cells = [" ".join(str(c).split()).replace("|", "/") for c in (*cells, line["status"])]
+            rows.append("| " + " | ".join(cells) + " |")
         return "\n".join(rows)
 
 
