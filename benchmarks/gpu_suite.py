@@ -56,7 +56,7 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from scanner.fbmem import branches, score_pairs
+from scanner.fbmem import DEFAULT_BETA, branches, score_pairs
 from scanner.scoring import REGION_VARIANTS, EngineConfig
 
 # Modules that need diffusers, transformers or FAISS are imported inside the sections that use
@@ -293,10 +293,17 @@ def timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
-def best_of(fn: Callable[[], object], device: str, repeats: int, max_s: float = 6.0):
-    """(seconds of the fastest timed run, its result) after one warm-up (kernels chosen, caches
-    full); at most `repeats` timed runs, fewer once they have taken `max_s` together."""
-    fn()
+def best_of(
+    fn: Callable[[], object],
+    device: str,
+    repeats: int,
+    max_s: float = 6.0,
+    warm_up: Callable[[], object] | None = None,
+):
+    """(seconds of the fastest timed run, its result) after one warm-up call (kernels chosen,
+    caches full; `warm_up`, if given, is a cheaper call of the same code); at most `repeats`
+    timed runs, fewer once they have taken `max_s` together."""
+    (warm_up or fn)()
     best, result, spent = float("inf"), None, 0.0
     for _ in range(repeats):
         sync(device)
@@ -457,7 +464,7 @@ def synthetic_numpy(n: int, size: int, seed: int) -> np.ndarray:
 def msssim_baseline(msssim, gen, ref, gen_fg, ref_fg, pairs, batch: int) -> torch.Tensor:
     """The three region scores with pytorch-msssim, each pair's variants built on the fly: how
     one would score Algorithm 1 without the engine."""
-    branch = branches(gen_fg.flatten(1).float().mean(1), 0.03)
+    branch = branches(gen_fg.flatten(1).float().mean(1), DEFAULT_BETA)
     out = []
     for p0 in range(0, pairs.shape[0], batch):
         gi, ri = pairs[p0 : p0 + batch, 0], pairs[p0 : p0 + batch, 1]
@@ -481,7 +488,7 @@ def msssim_baseline(msssim, gen, ref, gen_fg, ref_fg, pairs, batch: int) -> torc
 
 
 def section_scoring(ctx: Context) -> None:
-    p, dev = ctx.profile, ctx.profile.device
+    p = ctx.profile
     try:
         import pytorch_msssim as msssim
     except ImportError:
@@ -494,75 +501,76 @@ def section_scoring(ctx: Context) -> None:
             None,
             "missing",
         )
-    layouts = {
-        "dense": (p.dense[0], p.dense[1], None),
-        f"sparse top-{p.sparse[2]}": p.sparse,
-    }
-    for seed, (layout, (n_gen, n_ref, k)) in enumerate(layouts.items()):
-        gen, gen_fg = synthetic(n_gen, p.size, dev, 2 * seed)
-        ref, ref_fg = synthetic(n_ref, p.size, dev, 2 * seed + 1)
-        if k is None:
-            pairs = torch.cartesian_prod(torch.arange(n_gen), torch.arange(n_ref))
-        else:  # k distinct random candidates per generation, as a prefilter would give
-            cand = torch.rand(n_gen, n_ref, generator=torch.Generator().manual_seed(seed))
-            cand = cand.topk(k, dim=1).indices
-            pairs = torch.stack([torch.arange(n_gen).repeat_interleave(k), cand.flatten()], 1)
-        pairs = pairs.to(dev)
-        setting = {"size": p.size, "layout": layout, "gens": n_gen, "refs": n_ref, "top_k": k}
-        subset = pairs[: p.baseline_pairs]
-        expected, base_rate = None, None
-        if msssim is not None:
+    score_layout(ctx, msssim, "dense", *p.dense, None, seed=0)
+    ctx.free_memory()
+    score_layout(ctx, msssim, f"sparse top-{p.sparse[2]}", *p.sparse, seed=1)
 
-            def run_baseline(subset=subset, gen=gen, ref=ref, gen_fg=gen_fg, ref_fg=ref_fg):
-                return msssim_baseline(msssim, gen, ref, gen_fg, ref_fg, subset, p.baseline_batch)
 
-            ctx.peak_reset()
-            seconds, expected = best_of(run_baseline, dev, p.repeats)
-            expected = expected.float().cpu()
-            base_rate = len(subset) / seconds
-            ctx.rec.emit(
-                "scoring",
-                "pytorch-msssim",
-                f"{p.size} px {layout} {n_gen}x{n_ref}",
-                round(base_rate, 2),
-                "pairs/s",
-                pairs=len(subset),
-                seconds=round(seconds, 4),
-                batch=p.baseline_batch,
-                peak_mem_mb=ctx.peak_mb(),
-                pytorch_msssim=version("pytorch-msssim"),
-                **setting,
-            )
-        for storage in ("float32", "float16"):
-            engine = EngineConfig(storage=storage)
+def score_layout(ctx: Context, msssim, layout: str, n_gen: int, n_ref: int, k, seed: int):
+    """pytorch-msssim (when present), then the engine in fp32 and fp16 storage, on one set of
+    pairs: all of them (k None), or k distinct random candidates per generation (a prefilter's
+    top-k without its locality)."""
+    p, dev = ctx.profile, ctx.profile.device
+    gen, gen_fg = synthetic(n_gen, p.size, dev, 2 * seed)
+    ref, ref_fg = synthetic(n_ref, p.size, dev, 2 * seed + 1)
+    if k is None:
+        pairs = torch.cartesian_prod(torch.arange(n_gen), torch.arange(n_ref))
+    else:
+        cand = torch.rand(n_gen, n_ref, generator=torch.Generator().manual_seed(seed))
+        cand = cand.topk(k, dim=1).indices
+        pairs = torch.stack([torch.arange(n_gen).repeat_interleave(k), cand.flatten()], 1)
+    pairs = pairs.to(dev)
+    setting = {"size": p.size, "layout": layout, "gens": n_gen, "refs": n_ref, "top_k": k}
+    subset = pairs[: p.baseline_pairs]
+    expected, base_rate = None, None
+    if msssim is not None:
+        ctx.peak_reset()
+        seconds, expected = best_of(
+            lambda: msssim_baseline(msssim, gen, ref, gen_fg, ref_fg, subset, p.baseline_batch),
+            dev,
+            p.repeats,
+        )
+        expected = expected.float().cpu().numpy()
+        base_rate = len(subset) / seconds
+        ctx.rec.emit(
+            "scoring",
+            "pytorch-msssim",
+            f"{p.size} px {layout} {n_gen}x{n_ref}",
+            round(base_rate, 2),
+            "pairs/s",
+            pairs=len(subset),
+            seconds=round(seconds, 4),
+            batch=p.baseline_batch,
+            peak_mem_mb=ctx.peak_mb(),
+            pytorch_msssim=version("pytorch-msssim"),
+            **setting,
+        )
+    for storage in ("float32", "float16"):
+        engine = EngineConfig(storage=storage)
 
-            def run_engine(pairs=pairs, engine=engine, gen=gen, ref=ref, gfg=gen_fg, rfg=ref_fg):
-                return score_pairs(gen, ref, gfg, rfg, pairs, engine=engine)
+        def run(pairs: torch.Tensor, engine: EngineConfig = engine):
+            return score_pairs(gen, ref, gen_fg, ref_fg, pairs, engine=engine)
 
-            ctx.peak_reset()
-            seconds, scores = best_of(run_engine, dev, p.repeats)
-            peak = ctx.peak_mb()
-            got = np.stack([scores.m_full, scores.m_fg, scores.m_bg], axis=1)[: len(subset)]
-            rate = len(pairs) / seconds
-            ctx.rec.emit(
-                "scoring",
-                "engine",
-                f"{p.size} px {layout} {n_gen}x{n_ref} {storage}",
-                round(rate, 2),
-                "pairs/s",
-                pairs=len(pairs),
-                seconds=round(seconds, 4),
-                storage=storage,
-                ratio_vs_pytorch_msssim=round(rate / base_rate, 2) if base_rate else None,
-                max_abs_diff=(
-                    float(np.abs(got - expected.numpy()).max()) if expected is not None else None
-                ),
-                goal_pairs_per_s=SCORING_GOAL,
-                peak_mem_mb=peak,
-                **setting,
-            )
-        del gen, ref, gen_fg, ref_fg
-        ctx.free_memory()
+        ctx.peak_reset()
+        # Warm up on the baseline's subset: an engine far from its goal then costs little.
+        seconds, scores = best_of(lambda: run(pairs), dev, p.repeats, warm_up=lambda: run(subset))
+        got = np.stack([scores.m_full, scores.m_fg, scores.m_bg], axis=1)[: len(subset)]
+        rate = len(pairs) / seconds
+        ctx.rec.emit(
+            "scoring",
+            "engine",
+            f"{p.size} px {layout} {n_gen}x{n_ref} {storage}",
+            round(rate, 2),
+            "pairs/s",
+            pairs=len(pairs),
+            seconds=round(seconds, 4),
+            storage=storage,
+            ratio_vs_pytorch_msssim=round(rate / base_rate, 2) if base_rate else None,
+            max_abs_diff=float(np.abs(got - expected).max()) if expected is not None else None,
+            goal_pairs_per_s=SCORING_GOAL,
+            peak_mem_mb=ctx.peak_mb(),
+            **setting,
+        )
 
 
 # ---------------------------------------------------------------- (b) generation
@@ -617,16 +625,18 @@ def stage_runner(stage, batch: dict, size: int) -> Callable[[int], object]:
     return run
 
 
-def plain_runner(pipe, prompts: list[str], size: int) -> Callable[[int], object]:
-    """A plain diffusers call: the pipeline draws its own latents on the device."""
+def plain_runner(stage, prompts: list[str]) -> Callable[[int], object]:
+    """A plain diffusers call of the stage's pipeline, with the stage's size and guidance; the
+    pipeline draws its own latents on the device."""
+    pipe, config = stage.generator.pipeline, stage.generator.config
 
     def run(steps: int) -> object:
         return pipe(
             prompt=prompts,
-            height=size,
-            width=size,
+            height=config.size,
+            width=config.size,
             num_inference_steps=steps,
-            guidance_scale=7.5,
+            guidance_scale=config.guidance,
             output_type="np",
         )
 
@@ -658,7 +668,7 @@ def emit_generation(ctx, section: str, figure: str, label: str, batch: int, figu
         "images/s (x50 steps)",
         batch=batch,
         gen_size=ctx.profile.gen_size,
-        guidance=7.5,
+        guidance=ctx.generate_stage.generator.config.guidance,
         dtype="float16" if ctx.cuda else "float32",
         peak_mem_mb=ctx.peak_mb(),
         **figures,
@@ -677,10 +687,9 @@ def section_generate(ctx: Context) -> None:
         emit_generation(ctx, "generate", "stage", f"Generate stage, batch {b}", b, figures)
         ctx.results[f"stage-{b}"] = figures
     b = p.batches[-1]
-    pipe = stage.generator.pipeline
     prompts = generation_batch(b)["prompt"].tolist()
     ctx.peak_reset()
-    plain = per_step_figures(plain_runner(pipe, prompts, p.gen_size), p.steps, b, p.device)
+    plain = per_step_figures(plain_runner(stage, prompts), p.steps, b, p.device)
     ctx.results[f"plain-{b}"] = plain
     emit_generation(
         ctx,
@@ -691,7 +700,8 @@ def section_generate(ctx: Context) -> None:
         plain,
         stage_over_plain_x50=round(ctx.results[f"stage-{b}"]["x50_s"] / plain["x50_s"], 3),
     )
-    neurons = random_neurons(stage.layers, b, per_layer=10, seed=0)
+    per_layer = 10
+    neurons = random_neurons(stage.layers, b, per_layer, seed=0)
     ctx.peak_reset()
     hooked = per_step_figures(
         stage_runner(stage, generation_batch(b, neurons, alpha=0.0), b), p.steps, b, p.device
@@ -703,10 +713,10 @@ def section_generate(ctx: Context) -> None:
         f"Generate stage, batch {b}, per-sample scales on {len(stage.layers)} layers",
         b,
         hooked,
-        hooked_over_plain_stage_per_step=round(
+        hooks_over_no_hooks_per_step=round(
             hooked["per_step_s"] / max(ctx.results[f"stage-{b}"]["per_step_s"], 1e-9), 3
         ),
-        neurons_per_sample=10 * len(stage.layers),
+        neurons_per_sample=per_layer * len(stage.layers),
     )
 
 
@@ -723,7 +733,7 @@ def section_compile(ctx: Context) -> None:
         first = timed(lambda: run(2), p.device)  # compiles
         runs = (
             ("stage", "stage", run),
-            ("plain diffusers", "plain", plain_runner(pipe, batch["prompt"].tolist(), p.gen_size)),
+            ("plain diffusers", "plain", plain_runner(stage, batch["prompt"].tolist())),
         )
         for figure, eager_key, runner in runs:
             ctx.peak_reset()
