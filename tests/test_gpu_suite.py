@@ -1,4 +1,4 @@
-"""The GPU benchmark suite (benchmarks/gpu_suite.py): its CPU smoke run, its harness, its models.
+"""The GPU benchmark suite (benchmarks/gpu_suite.py): its CPU smoke run, harness and models.
 
 The full suite needs a GPU; its smoke mode runs the same code at tiny sizes on the CPU, so a
 change anywhere on its path (the stages, the loaders, the engine) breaks this test, not the
@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the suite lives in a script folder, not a package
 
+import gpu_harness  # noqa: E402
 import gpu_models  # noqa: E402
 import gpu_suite  # noqa: E402
 
@@ -99,7 +100,7 @@ def test_smoke_run_measures_every_section_without_ray(tmp_path, no_ray):
 
 
 def smoke_context(tmp_path: Path) -> gpu_suite.Context:
-    rec = gpu_suite.Recorder(tmp_path / "lines.jsonl", {"device": "test"})
+    rec = gpu_harness.Recorder(tmp_path / "lines.jsonl", {"device": "test"})
     return gpu_suite.Context(gpu_suite.SMOKE, rec, tmp_path)
 
 
@@ -131,7 +132,7 @@ def test_a_failing_or_overrunning_section_leaves_an_error_line_and_the_next_one_
     ctx = smoke_context(tmp_path)
     sections = {"boom": boom, "overrun": overrun, "fine": fine}
     started = time.monotonic()
-    gpu_suite.run_sections(sections, dict.fromkeys(sections, 0.5), 60, ctx)
+    gpu_harness.run_sections(sections, dict.fromkeys(sections, 0.5), 60, ctx)
     assert time.monotonic() - started < 20  # the cap cut the 30 s sleep
     lines = read_lines(tmp_path / "lines.jsonl")
     by = {(ln["section"], ln["figure"]): ln for ln in lines}
@@ -146,13 +147,13 @@ def test_a_failing_or_overrunning_section_leaves_an_error_line_and_the_next_one_
 def test_sections_are_skipped_once_the_budget_is_spent(tmp_path):
     ran = []
     ctx = smoke_context(tmp_path)
-    gpu_suite.run_sections({"a": ran.append}, {"a": 10}, 0, ctx)
+    gpu_harness.run_sections({"a": ran.append}, {"a": 10}, 0, ctx)
     assert ran == []
     assert [ln["status"] for ln in read_lines(tmp_path / "lines.jsonl")] == ["skipped"]
 
 
 def test_each_line_is_on_disk_as_soon_as_it_is_emitted(tmp_path):
-    rec = gpu_suite.Recorder(tmp_path / "sub" / "lines.jsonl", {"device": "test"})
+    rec = gpu_harness.Recorder(tmp_path / "sub" / "lines.jsonl", {"device": "test"})
     rec.emit("s", "first", "one", 1.0, "s")
     assert len(read_lines(tmp_path / "sub" / "lines.jsonl")) == 1
     rec.emit("s", "second", "two", None, None, "not available", reason="absent")
@@ -161,7 +162,7 @@ def test_each_line_is_on_disk_as_soon_as_it_is_emitted(tmp_path):
 
 
 def test_summary_is_one_markdown_row_per_line_whatever_the_labels_hold(tmp_path):
-    rec = gpu_suite.Recorder(None, {})
+    rec = gpu_harness.Recorder(None, {})
     rec.emit("s", "error", "ValueError: two\nlines | and a pipe", None, None, "error")
     rec.emit("s", "figure", "fine", 1234.5678, "pairs/s")
     header, rule, *rows = rec.summary().splitlines()
