@@ -29,6 +29,8 @@ from skimage.color import rgb2lab
 from skimage.filters import threshold_otsu
 from skimage.segmentation import slic
 
+from scanner.images import to_uint8
+
 SegmenterKind = Literal["u2netp", "classical", "birefnet"]
 
 log = logging.getLogger(__name__)
@@ -361,11 +363,16 @@ class U2NetPSegmenter(_Binarized):
 
     def _soft_one(self, image: np.ndarray) -> np.ndarray:
         _, h, w = image.shape
-        x = np.clip(_resize_planes(image, U2NETP_SIDE, U2NETP_SIDE, Image.LANCZOS), 0.0, 1.0)
-        peak = x.max()
-        if peak > 0.0:  # rembg scales by the maximum; a black image stays black
-            x = x / peak
+        # 1. Input as rembg makes it: 8-bit RGB (what images are stored as), LANCZOS to 320,
+        #    divided by its maximum, ImageNet-normalized.
+        small = Image.fromarray(to_uint8(image), mode="RGB").resize(
+            (U2NETP_SIDE, U2NETP_SIDE), Image.LANCZOS
+        )
+        x = np.asarray(small, dtype=np.float32).transpose(2, 0, 1)
+        x = x / max(float(x.max()), 1.0)  # a black image stays black
         x = (x - self._mean) / self._std
+        # 2. The fused saliency map, min-max normalized, back to the input size (kept as
+        #    floats where rembg rounds to 8 bits).
         (saliency,) = self.session.run([self.output_name], {self.input_name: x[None]})
         saliency = saliency[0, 0]
         low, high = float(saliency.min()), float(saliency.max())
