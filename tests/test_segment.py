@@ -451,3 +451,25 @@ def test_demo_labels_with_every_segmenter_that_runs_here(monkeypatch, u2netp):
     assert [c.kind for c in demo_segmenters("cpu")] == ["classical", "u2netp"]
     _no_wheel(monkeypatch)
     assert [c.kind for c in demo_segmenters("cpu")] == ["classical"]
+
+
+def test_full_scan_config_names_the_resolved_segmenter(u2netp, monkeypatch):
+    from scanner.plan import load_config
+
+    assert load_config(None, {"demo": "replay"}).segmenter == "u2netp"
+    assert load_config(None, {"demo": "replay", "segmenter": "classical"}).segmenter == "classical"
+    _no_wheel(monkeypatch)
+    assert load_config(None, {"demo": "replay"}).segmenter == "classical"  # what the manifest says
+    with pytest.raises(ValueError, match="one of"):
+        load_config(None, {"demo": "replay", "segmenter": "grabcut"})  # before anything runs
+
+
+def test_cli_asked_for_missing_u2netp_says_what_to_install(monkeypatch, tmp_path, capsys):
+    from scanner.cli import main
+
+    image = tmp_path / "a.png"
+    Image.fromarray(data.astronaut()).save(image)
+    _no_wheel(monkeypatch)
+    assert main(["compare", str(image), str(image), "--segmenter", "u2netp"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "fbmem compare: error:" in line and "pip install 'fbmem-scanner[u2netp]'" in line
