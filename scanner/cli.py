@@ -48,13 +48,22 @@ def _add_match_by(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_u2netp(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--u2netp",
+        metavar="PATH",
+        help="a u2netp.onnx file for the u2netp segmenter (default: the one of the u2netp extra)",
+    )
+
+
 def _add_segmenter_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--segmenter",
-        choices=("classical", "birefnet"),
-        default="classical",
-        help="foreground segmenter for images without a mask",
+        choices=("u2netp", "classical", "birefnet"),
+        help="foreground segmenter for images without a mask (default: u2netp when installed, "
+        "else classical with a notice; docs/segmentation.md)",
     )
+    _add_u2netp(p)
     p.add_argument(
         "--birefnet",
         metavar="PATH",
@@ -68,16 +77,9 @@ def _add_segmenter_options(p: argparse.ArgumentParser) -> None:
 
 
 def _segmenter(args):
-    from scanner.segment import SegmenterConfig, make_segmenter
+    from scanner.segment import make_segmenter
 
-    return make_segmenter(
-        SegmenterConfig(
-            kind=args.segmenter,
-            birefnet_path=args.birefnet,
-            trust_remote_code=args.trust_remote_code,
-            device=args.device,
-        )
-    )
+    return make_segmenter(_segmenter_config(args))
 
 
 def _print_table(records: list[dict]) -> None:
@@ -206,7 +208,13 @@ def cmd_calibrate(args) -> int:
 def cmd_demo(args) -> int:
     from scanner.demo import run_demo
 
-    run_demo(Path(args.out), size=args.size, device=args.device, match_by=args.match_by)
+    run_demo(
+        Path(args.out),
+        size=args.size,
+        device=args.device,
+        match_by=args.match_by,
+        u2netp_path=args.u2netp,
+    )
     return 0
 
 
@@ -214,7 +222,8 @@ def _segmenter_config(args):
     from scanner.segment import SegmenterConfig
 
     return SegmenterConfig(
-        kind=args.segmenter,
+        kind=args.segmenter,  # None: the default, resolved by SegmenterConfig
+        u2netp_path=args.u2netp,
         birefnet_path=args.birefnet,
         trust_remote_code=args.trust_remote_code,
         device=args.device,
@@ -456,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="build the replication set and label it with Algorithm 1 (true and segmented masks)",
+        help="build the replication set and label it with Algorithm 1 (true masks, then each segmenter)",
     )
     p.add_argument(
         "--out", default="scans/demo-compare", help="output folder (default %(default)s)"
@@ -469,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu")
     _add_match_by(p)
+    _add_u2netp(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -477,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:  # bad arguments or inputs: one clear line, no traceback
+    except (ValueError, ImportError) as exc:  # bad inputs or a missing extra: one clear line
         print(f"fbmem {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -60,7 +60,8 @@ class FullScanConfig:
     match_by: str = (
         DEFAULT_MATCH_BY  # one match per generation (DESIGN 4.2): mean, full, most-severe
     )
-    segmenter: str = "classical"
+    segmenter: str | None = None  # None: u2netp if installed, else classical (load_config)
+    u2netp: str | None = None  # a u2netp.onnx file; None: the one of the u2netp extra
     birefnet: str | None = None
     trust_remote_code: bool = False
     shard_size: int = 64  # prompts per resumable shard (times N generations)
@@ -113,7 +114,8 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> FullScanConfig:
     values["resources"] = _coerce_resources(values.get("resources"))
     config = FullScanConfig(**values)
     validate(config)
-    return config
+    # The default segmenter depends on what is installed: name it, so the manifest says which.
+    return dataclasses.replace(config, segmenter=segmenter_config(config).kind)
 
 
 def validate(config: FullScanConfig) -> None:
@@ -136,6 +138,7 @@ def segmenter_config(config: FullScanConfig):
 
     return SegmenterConfig(
         kind=config.segmenter,
+        u2netp_path=config.u2netp,
         birefnet_path=config.birefnet,
         trust_remote_code=config.trust_remote_code,
     )

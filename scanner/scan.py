@@ -188,6 +188,7 @@ def scan_images(
         "config": resolved,
         "backends": {
             "segmenter": segment.segmenter.name,
+            "reference_segmenter": match.refs.manifest.get("segmenter"),
             "embedder": embed.embedder.name,
             "reference_embedder": match.refs.manifest.get("embedder"),
         },

@@ -227,6 +227,7 @@ def test_report_files_and_summary(scan):
     assert summary["distribution"]["none"]["NM"] == 12 - 8
     assert summary["distribution"]["nemo_c"]["total"] == 12
     html = page.read_text()
+    assert "segmenter classical" in html  # the header names what made the masks
     assert "<limited print>" not in html  # prompt text is data, never markup
     assert "&lt;limited print&gt;" in html
     assert "http://" not in html and "https://" not in html  # nothing fetched from a network
@@ -342,6 +343,25 @@ def test_report_of_scan_without_memorization(scan, tmp_path):
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["clusters"] is None and summary["top_references"] == []
     assert [r["prompts"] for r in summary["one_to_many"]] == [0, 0, 0]  # N = 3 categories
+
+
+@pytest.mark.parametrize(
+    ("manifest", "shown"),
+    [
+        ({"backends": {"segmenter": "u2netp:w", "reference_segmenter": "u2netp:w"}}, "u2netp:w"),
+        (
+            {"backends": {"segmenter": "u2netp:w", "reference_segmenter": "classical-v1"}},
+            "u2netp:w (training images: classical-v1)",
+        ),
+        ({"config": {"segmenter": "classical"}}, "classical"),  # a full scan's config
+        ({"config": {"segmenter": {"kind": "birefnet"}}}, "birefnet"),
+        ({}, "not recorded"),
+    ],
+)
+def test_header_names_the_segmenter(manifest, shown):
+    from scanner.report.html import _segmenter
+
+    assert _segmenter(manifest) == shown
 
 
 def test_quality_drop_direction():

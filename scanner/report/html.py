@@ -127,6 +127,17 @@ def _when(epoch) -> str:
     return datetime.fromtimestamp(float(epoch), tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _segmenter(manifest: dict) -> str:
+    """Which segmenter made the masks: the backend's recorded name, else the configured kind;
+    the references' own when their store was segmented by another."""
+    backends = manifest.get("backends") or {}
+    kind = (manifest.get("config") or {}).get("segmenter")
+    name = backends.get("segmenter") or (kind.get("kind") if isinstance(kind, dict) else kind)
+    ref = backends.get("reference_segmenter")
+    text = str(name or "not recorded")
+    return text if not ref or ref == name else f"{text} (training images: {ref})"
+
+
 def _flatten(prefix: str, value, out: dict) -> dict:
     if isinstance(value, dict):
         for key, inner in value.items():
@@ -197,6 +208,7 @@ are in <code>report/summary.json</code>.</footer>
             f"metric {escape(str(cfg.get('metric', 'ms_ssim')))}, τ = {cfg.get('tau', DEFAULT_TAU)}, "
             f"β = {cfg.get('beta', 'n/a')}",
             f"match by {escape(str(cfg.get('match_by', 'most-severe')))}",
+            f"segmenter {escape(_segmenter(m))}",
         ]
         links = [
             ("distribution", "Distribution"),
