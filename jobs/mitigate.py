@@ -32,7 +32,8 @@ if str(ROOT) not in sys.path:
 from actors.pipeline import run_shards, scan_stages, start_ray
 from actors.stages import LocalizeActor
 from scanner.clustering import cluster_prompts
-from scanner.demo_inputs import demo_tiny_sd
+from scanner.demo_inputs import demo_organism, demo_tiny_sd
+from scanner.organism import ORGANISM_CONCEPTS, ORGANISM_NEMO
 from scanner.driver import Progress, error_row, split_shards
 from scanner.mitigation.localize import LocalizeConfig
 from scanner.mitigation.nemo_c import NEURON_DTYPES, method_neurons, parse_method
@@ -55,8 +56,13 @@ class MitigationOptions:
     methods: tuple[str, ...] = DEFAULT_METHODS
     k: int = 12  # prompt clusters (the paper's)
     statistics: str = "holdout"  # NeMo holdout statistics: computed, or "sd-v1.4" (shipped)
+    holdout: str = "unmemorized"  # the non-memorized prompts "holdout" statistics come from
     neurons: str | None = None  # a neuron_sets Parquet from an earlier run: skip localization
     latent_side: int | None = None  # NeMo's latent side (None: the UNet's; tiny models need >= 44)
+    # NeMo's signal: MS-SSIM scale weights and detection threshold (NeMo's for SD v1.4; the
+    # organism's 16 x 16 latents use one scale and a threshold calibrated on it)
+    signal_scales: tuple[float, ...] = SignalConfig().scale_weights
+    signal_threshold: float = SignalConfig().threshold
     quality: str = "piqe"
     quality_weights: str | None = None
     quality_sample: int = 500  # generations per method rated for quality
@@ -71,7 +77,10 @@ def parse_args(argv):
     )
     p.add_argument("--overwrite", action="store_true", help="discard an existing run at --out")
     p.add_argument(
-        "--demo", choices=("tiny-sd",), help="tiny offline model, 4 bundled memorized prompts"
+        "--demo",
+        choices=("organism", "tiny-sd"),
+        help="organism (default without --config/--model): the memorization model organism and "
+        "its demo captions; tiny-sd: a random-weight model, 4 bundled prompts",
     )
     p.add_argument("--out")
     p.add_argument("--model")
@@ -121,7 +130,7 @@ def parse_args(argv):
         raise SystemExit("--methods must include none: every method is scored against it")
     config_path, overwrite = args.pop("config"), args.pop("overwrite")
     if config_path is None and args["demo"] is None and args["model"] is None:
-        args["demo"] = "tiny-sd"
+        args["demo"] = "organism"
     if args["out"] is None:
         args["out"] = "scans/mitigate-demo"
     return config_path, args, overwrite, options
@@ -173,10 +182,16 @@ def localize(tables, prompts, config, options) -> pd.DataFrame:
         for s, p in split_shards(items, config.shard_size, "localize")
         if not tables.is_done(s)
     ]
-    signal = SignalConfig(latent_side=options.latent_side, seed=config.seed)
+    signal = SignalConfig(
+        latent_side=options.latent_side,
+        seed=config.seed,
+        scale_weights=options.signal_scales,
+        threshold=options.signal_threshold,
+    )
     loc = LocalizeConfig(
         model=config.model,
         statistics=options.statistics,
+        holdout=options.holdout,
         signal=signal,
         trust_remote_code=config.trust_remote_code,
     )
@@ -294,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
 
     # 1. Inputs: prompts, clusters, reference store
-    if config.demo == "tiny-sd":
+    if config.demo == "organism":
+        config = demo_organism(config)
+        options = dataclasses.replace(options, **ORGANISM_NEMO, k=min(options.k, ORGANISM_CONCEPTS))
+    elif config.demo == "tiny-sd":
         config = demo_tiny_sd(dataclasses.replace(config, prompt_limit=config.prompt_limit or 4))
         options = dataclasses.replace(
             options, latent_side=options.latent_side or 44, k=min(options.k, 2)

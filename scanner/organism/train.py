@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from scanner.organism.design import Design, DesignConfig, make_design, render, resample
+from scanner.organism.inputs import caption_table
 from scanner.organism.model import ArchitectureConfig, Components
+from scanner.similarity import SSIMSpec, blur, gaussian_window
 
 Log = Callable[[str], None]
 
@@ -55,26 +57,20 @@ def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
-_WINDOW = torch.exp(-((torch.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
-_WINDOW = _WINDOW / _WINDOW.sum()
-
-
-def _blur(x: torch.Tensor) -> torch.Tensor:
-    c = x.shape[1]
-    k = _WINDOW.to(x).view(1, 1, 1, -1).expand(c, 1, 1, -1)
-    return F.conv2d(F.conv2d(x, k, groups=c), k.transpose(2, 3), groups=c)
-
-
 def ssim_loss(a: torch.Tensor, b: torch.Tensor, levels: int = 2) -> torch.Tensor:
-    """1 - mean SSIM over `levels` dyadic scales, differentiable (images in [-1, 1])."""
-    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    """1 - mean SSIM over `levels` dyadic scales, differentiable (images in [-1, 1]); the
+    scanner's own Gaussian filter (banded products on CPUs, cheaper than a convolution)."""
+    spec = SSIMSpec()
+    window = gaussian_window(spec, a.dtype, a.device)
+    c1, c2 = (spec.k1 * 2) ** 2, (spec.k2 * 2) ** 2
     values = []
     for level in range(levels):
         if level:
             a, b = F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)
-        mu_a, mu_b = _blur(a), _blur(b)
-        var_a, var_b = _blur(a * a) - mu_a**2, _blur(b * b) - mu_b**2
-        cov = _blur(a * b) - mu_a * mu_b
+        a, b = a.contiguous(), b.contiguous()
+        mu_a, mu_b = blur(a, window), blur(b, window)
+        var_a, var_b = blur(a * a, window) - mu_a**2, blur(b * b, window) - mu_b**2
+        cov = blur(a * b, window) - mu_a * mu_b
         ssim = (
             (2 * mu_a * mu_b + c1)
             * (2 * cov + c2)
@@ -242,6 +238,7 @@ def train_organism(out: str | Path, config: TrainConfig = TrainConfig(), log: Lo
     unet_seconds = time.perf_counter() - t0
 
     components.pipeline().save_pretrained(out)
+    caption_table(design).to_csv(out / "captions.csv", index=False)
     recipe = {
         "config": asdict(config),
         "model": components.describe(),
