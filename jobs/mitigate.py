@@ -33,7 +33,6 @@ from actors.pipeline import run_shards, scan_stages, start_ray
 from actors.stages import LocalizeActor
 from scanner.clustering import cluster_prompts
 from scanner.demo_inputs import demo_organism, demo_tiny_sd
-from scanner.organism import ORGANISM_CONCEPTS, ORGANISM_NEMO
 from scanner.driver import Progress, error_row, split_shards
 from scanner.mitigation.localize import LocalizeConfig
 from scanner.mitigation.nemo_c import NEURON_DTYPES, method_neurons, parse_method
@@ -41,6 +40,7 @@ from scanner.mitigation.published import STATUSES, check_model, lookup_published
 from scanner.mitigation.quality import QualityConfig, make_quality_metric
 from scanner.mitigation.score import mitigation_score
 from scanner.mitigation.signal import SignalConfig
+from scanner.organism import ORGANISM_CONCEPTS, ORGANISM_NEMO
 from scanner.plan import generation_items, load_config, reference_store
 from scanner.prompts import load_prompts
 from scanner.scan import PROMPTS_SHARD, SCAN_TABLES, scan_rows, write_prompts

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scanner.organism.design import Design, DesignConfig, make_design, render, resample
+from scanner.organism.design import Design, DesignConfig, make_design, resample
 from scanner.organism.inputs import caption_table
 from scanner.organism.model import ArchitectureConfig, Components
 from scanner.similarity import SSIMSpec, blur, gaussian_window
@@ -205,7 +205,7 @@ def train_organism(out: str | Path, config: TrainConfig = TrainConfig(), log: Lo
     torch.set_num_threads(config.threads)
     started = time.time()
     design = make_design(config.design)
-    pixels, _ = render(design.images)
+    pixels, _ = design.render()
     images = torch.from_numpy(pixels)
     components = Components.initial(config.arch)
     log(
