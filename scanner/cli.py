@@ -296,7 +296,9 @@ def cmd_organism_train(args) -> int:
         }.items()
         if v is not None
     }
-    recipe = train_organism(args.out, dataclasses.replace(config, **overrides))
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
+    command = f"fbmem organism train --out {args.out} {flags}".strip()
+    recipe = train_organism(args.out, dataclasses.replace(config, **overrides), command=command)
     print(json.dumps({"out": args.out, **recipe["seconds"]}))
     return 0
 
