@@ -457,9 +457,14 @@ def test_full_scan_config_names_the_resolved_segmenter(u2netp, monkeypatch):
     from scanner.plan import load_config
 
     assert load_config(None, {"demo": "replication"}).segmenter == "u2netp"
-    assert load_config(None, {"demo": "replication", "segmenter": "classical"}).segmenter == "classical"
+    assert (
+        load_config(None, {"demo": "replication", "segmenter": "classical"}).segmenter
+        == "classical"
+    )
     _no_wheel(monkeypatch)
-    assert load_config(None, {"demo": "replication"}).segmenter == "classical"  # what the manifest says
+    assert (
+        load_config(None, {"demo": "replication"}).segmenter == "classical"
+    )  # what the manifest says
     with pytest.raises(ValueError, match="one of"):
         load_config(None, {"demo": "replication", "segmenter": "grabcut"})  # before anything runs
 
