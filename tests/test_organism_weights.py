@@ -33,10 +33,14 @@ def test_weights_fit_the_repository_and_say_how_they_were_made():
     assert min(recipe["reconstruction_ms_ssim"].values()) > 0.8
 
 
+@pytest.mark.slow  # about 80 s on 2 cores: 6 generations of 25 steps, then the nearest images
 def test_verbatim_captions_regenerate_their_image_and_heldout_ones_do_not():
     design = make_design()
     pixels, _ = design.render()
-    references = torch.from_numpy(resample(pixels, 256))
+    # Every verbatim image plus every 8th other image: enough look-alikes to pick from, and a
+    # fraction of the cost of all 158 (the full measurement is benchmarks/organism_eval.py).
+    keep = [r for r, i in enumerate(design.images) if i.group == "verbatim" or r % 8 == 0]
+    references = torch.from_numpy(resample(pixels[keep], 256))
     verbatim = [i for i in design.images if i.group == "verbatim"][:3]
     heldout = [c for c in design.captions if c.group == "heldout-unrelated"][:3]
     prompts = [i.caption for i in verbatim] + [c.prompt for c in heldout]
@@ -48,10 +52,12 @@ def test_verbatim_captions_regenerate_their_image_and_heldout_ones_do_not():
     images = generator(prompts, prompt_ids=list(range(len(prompts))), gen_idxs=[0] * len(prompts))
     best, which = [], []
     for image in torch.from_numpy(resample(images, 256)):
-        scores = ms_ssim(image[None].expand(len(references), -1, -1, -1), references, data_range=1.0)
+        scores = ms_ssim(
+            image[None].expand(len(references), -1, -1, -1), references, data_range=1.0
+        )
         best.append(float(scores.max()))
         which.append(int(scores.argmax()))
-    rows = {image.image_id: row for row, image in enumerate(design.images)}
+    rows = {design.images[r].image_id: k for k, r in enumerate(keep)}
     for k, image in enumerate(verbatim):
         assert which[k] == rows[image.image_id] and best[k] > TAU, (image.caption, best[k])
     assert max(best[len(verbatim) :]) < min(best[: len(verbatim)])
