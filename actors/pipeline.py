@@ -47,7 +47,7 @@ def scan_stages(config: FullScanConfig, reference: str, from_files: bool) -> lis
     ref_manifest = ReferenceStore.read_manifest(reference)
     size = ref_manifest["config"]["size"]
     if from_files:
-        first: Stage = ("load", LoadActor, {"size": size})
+        first: Stage = ("load", LoadActor, {"size": size, "max_pixels": config.max_pixels})
     else:
         first = ("generate", GenerateActor, {"config": generation_config(config), "out_size": size})
     match = {
