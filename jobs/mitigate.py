@@ -31,9 +31,9 @@ if str(ROOT) not in sys.path:
 
 from actors.pipeline import run_shards, scan_stages, start_ray
 from actors.stages import LocalizeActor
+from scanner import exits
 from scanner.clustering import cluster_prompts
 from scanner.demo_inputs import demo_organism, demo_tiny_sd
-from scanner.organism import ORGANISM_CONCEPTS, ORGANISM_NEMO
 from scanner.driver import Progress, error_row, split_shards
 from scanner.mitigation.localize import LocalizeConfig
 from scanner.mitigation.nemo_c import NEURON_DTYPES, method_neurons, parse_method
@@ -41,6 +41,7 @@ from scanner.mitigation.published import STATUSES, check_model, lookup_published
 from scanner.mitigation.quality import QualityConfig, make_quality_metric
 from scanner.mitigation.score import mitigation_score
 from scanner.mitigation.signal import SignalConfig
+from scanner.organism import ORGANISM_CONCEPTS, ORGANISM_NEMO
 from scanner.plan import generation_items, load_config, reference_store
 from scanner.prompts import load_prompts
 from scanner.scan import PROMPTS_SHARD, SCAN_TABLES, scan_rows, write_prompts
@@ -127,7 +128,7 @@ def parse_args(argv):
         },
     )
     if "none" not in options.methods:
-        raise SystemExit("--methods must include none: every method is scored against it")
+        raise ValueError("--methods must include none: every method is scored against it")
     config_path, overwrite = args.pop("config"), args.pop("overwrite")
     if config_path is None and args["demo"] is None and args["model"] is None:
         args["demo"] = "organism"
@@ -318,10 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             options, latent_side=options.latent_side or 44, k=min(options.k, 2)
         )
     if any(parse_method(m).published for m in options.methods):
-        try:  # the published sets fit SD v1.4's layers only: refuse before any work
-            check_model(config.model)
-        except ValueError as exc:
-            raise SystemExit(f"mitigate.py: {exc}") from None
+        check_model(config.model)  # the published sets fit SD v1.4's layers only: refuse first
     prompts = load_prompts(config.prompts, config.prompt_limit)
     usable = prompts[prompts["error"] == ""]
     clusters = cluster_prompts(usable, k=min(options.k, len(usable)), seed=config.seed)
@@ -390,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in results["methods"]:
         print(f"{row['method']:<22} {row['mitigation_score']:>13.3f} {row['quality']:>16.2f}")
     print(f"report: {page}")
-    return 0
+    return exits.finished(tables.count("errors"))  # 0, or 3: some inputs are error rows
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exits.run("mitigate.py", main))
