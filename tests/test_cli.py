@@ -1,0 +1,145 @@
+"""The `fbmem` command itself: light start-up, --version, --help, --device, the exit-status rule
+and the package metadata (tests of single commands live beside their modules' tests)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from scanner import exits
+from scanner.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "numpy", "PIL", "pandas", "pyarrow", "matplotlib", "diffusers", "ray")
+
+
+def subcommands() -> list[str]:
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return sorted(sub.choices)
+
+
+def test_help_of_every_command_imports_nothing_heavy():
+    # What made `fbmem --help` take 2.5-7 s: torch imported at start-up. Each command's --help
+    # is parsed in a fresh interpreter, which then lists the heavy modules it has loaded.
+    probe = f"""
+import sys
+from scanner.cli import main
+for argv in [["--help"], *[[name, "--help"] for name in {subcommands()!r}]]:
+    try:
+        main(argv)
+    except SystemExit as exit:
+        assert exit.code == 0, (argv, exit.code)
+print(sorted(m for m in {HEAVY!r} if m in sys.modules))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert "Exit status: 0 all inputs processed, 3 finished with error rows" in done.stdout
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fbmem {version('fbmem-scanner')}"
+
+
+def test_every_option_has_help_text():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"fbmem {name} {action.option_strings[0]} has no help"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_one_clear_line(tmp_path, capsys):
+    code = main(["compare", "a.png", "b.png", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("fbmem compare: error: --device cuda: not available here")
+    assert err.rstrip().endswith("this machine has: cpu")
+
+
+def test_a_misspelt_device_is_one_clear_line(capsys):
+    code = main(["cluster", "memorized", "--out", "x.parquet", "--device", "cdua"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "--device 'cdua' is not a device name; this machine has: cpu" in err
+
+
+def _raising(exc):
+    def command():
+        raise exc
+
+    return command
+
+
+@pytest.mark.parametrize(
+    ("command", "status", "line"),
+    [
+        (lambda: exits.OK, 0, None),
+        (lambda: exits.finished(2), 3, None),
+        (_raising(ValueError("bad input")), 2, "prog: error: bad input"),
+        (_raising(FileNotFoundError(errno.ENOENT, "No such file", "x")), 2, "prog: error: "),
+        (_raising(OSError(errno.EROFS, "Read-only file system", "out")), 1, "prog: aborted: "),
+        (_raising(KeyboardInterrupt()), 1, "prog: interrupted"),
+    ],
+)
+def test_exit_status_rule(command, status, line, capsys):
+    assert exits.run("prog", command) == status
+    err = capsys.readouterr().err
+    assert (err == "") if line is None else (err.startswith(line) and err.count("\n") == 1)
+
+
+def test_a_bug_keeps_its_traceback():
+    with pytest.raises(RuntimeError):
+        exits.run("prog", _raising(RuntimeError("a bug")))
+
+
+def _labels(path: Path, labels: list[str]) -> Path:
+    pd.DataFrame(
+        {"prompt_id": range(len(labels)), "gen_idx": 0, "method": "m", "label": labels}
+    ).to_csv(path, index=False)
+    return path
+
+
+def test_mitigation_score_reads_as_text_on_a_terminal_and_json_in_a_pipe(
+    tmp_path, capsys, monkeypatch
+):
+    pre = _labels(tmp_path / "pre.csv", ["VM", "FM", "NM"])
+    post = _labels(tmp_path / "post.csv", ["NM", "FM", "NM"])
+    assert main(["mitigation-score", str(pre), str(post)]) == 0
+    piped = json.loads(capsys.readouterr().out)
+    assert piped["score"] == pytest.approx(2.0 / 3)  # VM -> NM scores +2, the rest 0
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["mitigation-score", str(pre), str(post)]) == 0
+    text = capsys.readouterr().out
+    assert "{" not in text and "mitigation score (the paper's Table 2): 0.667 over 3" in text
+
+
+def test_package_metadata_has_an_spdx_licence_and_builds_without_deprecations(tmp_path):
+    # setuptools >= 77 warns on every install about a licence given as a TOML table.
+    build = (
+        "from setuptools import build_meta; print(build_meta.prepare_metadata_for_build_wheel(%r))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "always", "-c", build % str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "Deprecat" not in done.stderr, done.stderr[-2000:]
+    metadata = (tmp_path / done.stdout.split()[-1] / "METADATA").read_text()
+    assert "License-Expression: MIT" in metadata
