@@ -156,12 +156,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_summary(summary: dict, page: Path) -> None:
+    from scanner.report.plots import method_name  # "none" is said as "none (no mitigation)"
+
     print("\nmemorization distribution (generations, share):")
     for method, row in summary.get("distribution", {}).items():
         cells = "  ".join(
             f"{k} {row[k]:>5} ({100 * row['share_' + k]:5.1f}%)" for k in ("VM", "FM", "BM", "NM")
         )
-        print(f"  {method:<22} {cells}   total {row['total']}")
+        print(f"  {method_name(method):<22} {cells}   total {row['total']}")
     print(f"report: {page}")
 
 

@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from scanner.analysis import summarize
     from scanner.report.html import build_report
+    from scanner.report.plots import method_name
 
     summarize(out)
     page = build_report(out)
@@ -386,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{'method':<22} {'Table 2 score':>13} {'quality (' + results['quality_metric'] + ')':>16}"
     )
     for row in results["methods"]:
-        print(f"{row['method']:<22} {row['mitigation_score']:>13.3f} {row['quality']:>16.2f}")
+        print(
+            f"{method_name(row['method']):<22} {row['mitigation_score']:>13.3f} {row['quality']:>16.2f}"
+        )
     print(f"report: {page}")
     return exits.finished(tables.count("errors"))  # 0, or 3: some inputs are error rows
 

@@ -130,7 +130,7 @@ class Progress:
         return seconds
 
     def _count(self) -> str:
-        share = f" ({self.done / self.total:.0%})" if self.total else ""
+        share = f" ({100 * self.done // self.total}%)" if self.total else ""  # 100% only at the end
         return f"{self.done:,}/{self.total:,} {self.unit}{share}"
 
     def _line(self, text: str) -> None:

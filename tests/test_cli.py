@@ -143,3 +143,86 @@ def test_package_metadata_has_an_spdx_licence_and_builds_without_deprecations(tm
     assert "Deprecat" not in done.stderr, done.stderr[-2000:]
     metadata = (tmp_path / done.stdout.split()[-1] / "METADATA").read_text()
     assert "License-Expression: MIT" in metadata
+
+
+@pytest.mark.parametrize("job", ["full_scan.py", "mitigate.py"])
+def test_jobs_exit_by_the_same_rule(job, tmp_path):
+    # A usage error: one line naming the job and the fault, status 2, no traceback and no
+    # output folder. (Error rows exit 3: tests/test_full_scan.py's tiny-sd runs.)
+    argv = ["--model", "m", "--reference", "r", "--top-k", "-1", "--out", str(tmp_path / "o")]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / job), *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == f"{job}: error: n_per_prompt and shard_size must be >= 1 and top_k >= 0\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_cluster_with_prompts_left_out_exits_3(tiny_sd_dir, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a red chair\n\nmountain bike\na red sofa\n")
+    argv = ["cluster", str(tmp_path / "prompts.txt"), "--k", "2", "--out", str(tmp_path / "c.pq")]
+    assert main([*argv, "--method", "authors", "--model", str(tiny_sd_dir)]) == 3
+    assert "1 left out for errors" in capsys.readouterr().out
+    assert len(pd.read_parquet(tmp_path / "c.pq")) == 3
+
+
+def test_mitigation_score_of_a_missing_table_is_a_usage_error(tmp_path, capsys):
+    pre = _labels(tmp_path / "pre.csv", ["VM"])
+    assert main(["mitigation-score", str(pre), str(tmp_path / "gone.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fbmem mitigation-score: error: ") and "gone.csv" in err
+    assert err.count("\n") == 1
+
+
+# scripts/browser.sh: chromium for the browser test, or a clear note that the test is skipped.
+
+
+def _fake_path(tmp_path, uid: int, apt_status: int | None) -> dict[str, str]:
+    """A PATH with no chromium, an `id` that says `uid`, and (if given) an apt-get that
+    exits with `apt_status`, so the script's three outcomes run on any machine."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tools = {"id": f"echo {uid}"}
+    if apt_status is not None:
+        tools["apt-get"] = f'echo "apt-get $*" >> {tmp_path / "apt.log"}; exit {apt_status}'
+    for name, body in tools.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": str(bin_dir), "HOME": str(tmp_path)}
+
+
+@pytest.mark.parametrize(
+    ("uid", "apt_status", "note"),
+    [
+        (1000, None, "(tests/test_report.py::test_report_in_headless_chromium) will be skipped"),
+        (0, 0, None),
+        (0, 100, "apt-get could not install chromium chromium-driver; the browser test"),
+    ],
+)
+def test_browser_script_installs_chromium_or_says_the_test_is_skipped(
+    tmp_path, uid, apt_status, note
+):
+    done = subprocess.run(
+        ["/bin/bash", str(REPO / "scripts" / "browser.sh")],
+        env=_fake_path(tmp_path, uid, apt_status),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0  # never fails: the rest of the suite runs either way
+    if note is None:
+        assert "note" not in done.stdout
+    else:
+        assert note in done.stdout
+    if apt_status is not None:
+        calls = (tmp_path / "apt.log").read_text().splitlines()
+        assert calls[0] == "apt-get update -qq"
+        assert ("apt-get install -y -qq chromium chromium-driver" in calls) == (apt_status == 0)
+
+
+def test_the_readme_test_command_runs_the_browser_script():
+    steps = (REPO / "scripts" / "test.sh").read_text()
+    assert steps.index("scripts/browser.sh") < steps.index("pytest")
+    assert "bash scripts/test.sh" in (REPO / ".ci" / "run").read_text()
