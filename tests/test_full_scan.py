@@ -213,6 +213,7 @@ def test_replay_demo_writes_every_table_with_its_rows(replay_scan):
     manifest = json.loads((replay_scan / "manifest.json").read_text())
     assert manifest["rows"] == expected
     assert manifest["config"]["top_k"] == REPLAY_TOP_K
+    assert pd.read_parquet(replay_scan / "errors").empty  # as the README reads it: there, empty
 
 
 @pytest.mark.ray
