@@ -388,9 +388,10 @@ def cmd_organism_train(args) -> int:
         }.items()
         if v is not None
     }
-    recipe = train_organism(args.out, dataclasses.replace(config, **overrides))
-    times = ", ".join(f"{part} {seconds:.0f} s" for part, seconds in recipe["seconds"].items())
-    print(f"organism written to {args.out} ({times})")
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
+    command = f"fbmem organism train --out {args.out} {flags}".strip()
+    recipe = train_organism(args.out, dataclasses.replace(config, **overrides), command=command)
+    print(json.dumps({"out": args.out, **recipe["seconds"]}))
     return exits.OK
 
 

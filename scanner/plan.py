@@ -32,12 +32,13 @@ class StageResources:
     batch_size: int = 8
 
 
+DEMOS = ("organism", "replication", "tiny-sd")
+
+
 @dataclass(frozen=True)
 class FullScanConfig:
     out: str = "scans/demo"
-    demo: str | None = (
-        None  # "replay" (replication set, no model) or "tiny-sd" (tiny offline model)
-    )
+    demo: str | None = None  # one of DEMOS (scanner/demo_inputs.py says what each is)
     model: str | None = None  # diffusers folder or model id
     prompts: str = "memorized"  # bundled set name or CSV/Parquet/text file
     prompt_limit: int | None = None  # first rows only
@@ -121,10 +122,12 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> FullScanConfig:
 
 
 def validate(config: FullScanConfig) -> None:
-    if config.demo not in (None, "replay", "tiny-sd"):
-        raise ValueError(f"demo must be 'replay' or 'tiny-sd', got {config.demo!r}")
+    if config.demo not in (None, *DEMOS):
+        raise ValueError(f"demo must be one of {', '.join(DEMOS)}; got {config.demo!r}")
     if config.demo is None and not config.model:
-        raise ValueError("give --model (a diffusers folder or model id) or --demo replay|tiny-sd")
+        raise ValueError(
+            f"give --model (a diffusers folder or model id) or --demo {'|'.join(DEMOS)}"
+        )
     if config.demo is None and not (config.reference or config.reference_images):
         raise ValueError(
             "give --reference STORE or --reference-images SRC (training images to build one from)"

@@ -163,7 +163,7 @@ def replay_config(tmp_path_factory) -> Path:
 
 
 def replay_command(out: Path, config: Path) -> list[str]:
-    return job_command(out, "--demo", "replay", "--config", str(config))
+    return job_command(out, "--demo", "replication", "--config", str(config))
 
 
 @pytest.fixture(scope="module")

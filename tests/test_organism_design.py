@@ -13,7 +13,6 @@ from scanner.organism.design import (
     DesignConfig,
     _texture,
     make_design,
-    render,
     resample,
     tile_pool,
 )
@@ -28,7 +27,7 @@ def design():
 
 @pytest.fixture(scope="module")
 def rendered(design):
-    return render(design.images)
+    return design.render()
 
 
 def test_same_config_same_design(design):

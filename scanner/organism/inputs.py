@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from scanner.images import encode_png
-from scanner.organism.design import Design, render
+from scanner.organism.design import Design
 
 # The demo's captions per group (the rest of the table stays available to `--prompts`).
 DEMO_PER_CONCEPT = 3  # trained captions of each fg / bg concept
@@ -51,7 +51,7 @@ def write_training_set(design: Design, out: str | Path) -> Path:
     (ref_id, path, mask, caption, group, concept, copies) that `build_reference` reads."""
     out = Path(out).resolve()
     (out / "images").mkdir(parents=True, exist_ok=True)
-    pixels, masks = render(design.images)
+    pixels, masks = design.render()
     rows = []
     for image, picture, mask in zip(design.images, pixels, masks):
         path, mask_path = f"images/{image.image_id}.png", f"images/{image.image_id}_mask.png"
