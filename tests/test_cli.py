@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -128,21 +129,32 @@ def test_mitigation_score_reads_as_text_on_a_terminal_and_json_in_a_pipe(
     assert "{" not in text and "mitigation score (the paper's Table 2): 0.667 over 3" in text
 
 
-def test_package_metadata_has_an_spdx_licence_and_builds_without_deprecations(tmp_path):
-    # setuptools >= 77 warns on every install about a licence given as a TOML table.
-    build = (
-        "from setuptools import build_meta; print(build_meta.prepare_metadata_for_build_wheel(%r))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-W", "always", "-c", build % str(tmp_path)],
+def _build(hook: str, out: Path) -> subprocess.CompletedProcess:
+    """Run one of setuptools' PEP 517 hooks on the project as pip does, warnings all shown."""
+    code = f"from setuptools import build_meta; print(build_meta.{hook}({str(out)!r}))"
+    return subprocess.run(
+        [sys.executable, "-W", "always", "-c", code],
         cwd=REPO,
         capture_output=True,
         text=True,
         check=True,
     )
+
+
+def test_package_metadata_has_an_spdx_licence_and_builds_without_deprecations(tmp_path):
+    # setuptools >= 77 warns on every install about a licence given as a TOML table.
+    done = _build("prepare_metadata_for_build_wheel", tmp_path)
     assert "Deprecat" not in done.stderr, done.stderr[-2000:]
     metadata = (tmp_path / done.stdout.split()[-1] / "METADATA").read_text()
     assert "License-Expression: MIT" in metadata
+
+
+def test_the_editable_install_of_scripts_setup_sh_prints_no_notice(tmp_path):
+    # Without an explicit package-dir setuptools installs through an import hook and pip
+    # shows its "Editable installation" notice (InformationOnly) on every run of setup.sh.
+    done = _build("build_editable", tmp_path)
+    assert not re.search(r"\w+Warning|InformationOnly", done.stderr), done.stderr[-2000:]
+    assert (tmp_path / done.stdout.split()[-1]).is_file()
 
 
 @pytest.mark.parametrize("job", ["full_scan.py", "mitigate.py"])
