@@ -231,6 +231,10 @@ def test_report_files_and_summary(scan):
     assert "<limited print>" not in html  # prompt text is data, never markup
     assert "&lt;limited print&gt;" in html
     assert "http://" not in html and "https://" not in html  # nothing fetched from a network
+    # The baseline method "none" is the model as is: shown so nobody reads "no memorization".
+    assert "<td>none (no mitigation)</td>" in html and "<td>none</td>" not in html
+    assert '<option value="none">none (no mitigation)</option>' in html
+    assert gallery_data(page)["method_names"]["none"] == "none (no mitigation)"
 
 
 def test_gallery_most_severe_first_with_matched_reference(scan):
