@@ -168,8 +168,12 @@ def generation_config(config: FullScanConfig):
 def reference_store(config: FullScanConfig) -> str:
     """The scan's reference store, as an absolute path (the manifest's readers may run from
     another directory): the one given, or one built (resumably) at <out>/reference."""
+    from scanner.reference import ReferenceStore
+
     if config.reference:
-        return str(Path(config.reference).resolve())
+        path = Path(config.reference).resolve()
+        ReferenceStore.read_manifest(path)  # not a store: a usage error before any work
+        return str(path)
     from scanner.embed import EmbedConfig
     from scanner.reference import ReferenceConfig, build_reference
 

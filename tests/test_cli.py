@@ -173,6 +173,22 @@ def test_jobs_exit_by_the_same_rule(job, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_scan_with_no_reference_store_is_refused_before_any_work(tmp_path):
+    argv = ["--model", "m", "--reference", "gone", "--prompt-limit", "2", "--out", "o"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "full_scan.py"), *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == (
+        f"full_scan.py: error: {tmp_path / 'gone'}: not a reference store (no manifest.json); "
+        "build one with `fbmem build-reference`\n"
+    )
+    assert not (tmp_path / "o").exists()  # no scan directory, no Ray started
+
+
 def test_cluster_with_prompts_left_out_exits_3(tiny_sd_dir, tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("a red chair\n\nmountain bike\na red sofa\n")
     argv = ["cluster", str(tmp_path / "prompts.txt"), "--k", "2", "--out", str(tmp_path / "c.pq")]

@@ -544,7 +544,11 @@ def test_the_load_stage_on_ray_refuses_images_over_the_pixel_limit(tmp_path, bom
 def test_the_reference_store_is_recorded_so_that_it_resolves_from_anywhere(tmp_path, monkeypatch):
     from scanner.plan import FullScanConfig, reference_store
 
+    (tmp_path / "stores" / "a").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="stores/a: not a reference store"):
+        reference_store(FullScanConfig(reference="stores/a"))
+    (tmp_path / "stores" / "a" / "manifest.json").write_text("{}")
     assert reference_store(FullScanConfig(reference="stores/a")) == str(tmp_path / "stores" / "a")
 
 
