@@ -48,7 +48,7 @@ def test_verbatim_captions_regenerate_their_image_and_heldout_ones_do_not():
     images = generator(prompts, prompt_ids=list(range(len(prompts))), gen_idxs=[0] * len(prompts))
     best, which = [], []
     for image in torch.from_numpy(resample(images, 256)):
-        scores = ms_ssim(image[None].expand(len(references), -1, -1, -1), references, 1.0)
+        scores = ms_ssim(image[None].expand(len(references), -1, -1, -1), references, data_range=1.0)
         best.append(float(scores.max()))
         which.append(int(scores.argmax()))
     rows = {image.image_id: row for row, image in enumerate(design.images)}
