@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from actors.pipeline import run_shards, scan_stages, start_ray
+from scanner import exits
 from scanner.demo_inputs import demo_organism, demo_replay, demo_tiny_sd
 from scanner.driver import Progress, split_shards
 from scanner.fbmem import MATCH_BY
@@ -69,6 +70,7 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, dict, bool]:
         "or the most severe label (a worst-case audit view)",
     )
     p.add_argument("--shard-size", type=int)
+    p.add_argument("--max-pixels", type=int, help="largest image file decoded (default 50 MP)")
     args = vars(p.parse_args(argv))
     config_path, overwrite = args.pop("config"), args.pop("overwrite")
     if config_path is None and args["demo"] is None and args["model"] is None:
@@ -153,18 +155,20 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarize(tables.root)
         page = build_report(tables.root)
         print_summary(summary, page)
-    return 0
+    return exits.finished(manifest["rows"]["errors"])  # 0, or 3: some inputs are error rows
 
 
 def print_summary(summary: dict, page: Path) -> None:
+    from scanner.report.plots import method_name  # "none" is said as "none (no mitigation)"
+
     print("\nmemorization distribution (generations, share):")
     for method, row in summary.get("distribution", {}).items():
         cells = "  ".join(
             f"{k} {row[k]:>5} ({100 * row['share_' + k]:5.1f}%)" for k in ("VM", "FM", "BM", "NM")
         )
-        print(f"  {method:<22} {cells}   total {row['total']}")
+        print(f"  {method_name(method):<22} {cells}   total {row['total']}")
     print(f"report: {page}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exits.run("full_scan.py", main))

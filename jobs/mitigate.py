@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 
 from actors.pipeline import run_shards, scan_stages, start_ray
 from actors.stages import LocalizeActor
+from scanner import exits
 from scanner.clustering import cluster_prompts
 from scanner.demo_inputs import demo_organism, demo_tiny_sd
 from scanner.driver import Progress, error_row, split_shards
@@ -127,7 +128,7 @@ def parse_args(argv):
         },
     )
     if "none" not in options.methods:
-        raise SystemExit("--methods must include none: every method is scored against it")
+        raise ValueError("--methods must include none: every method is scored against it")
     config_path, overwrite = args.pop("config"), args.pop("overwrite")
     if config_path is None and args["demo"] is None and args["model"] is None:
         args["demo"] = "organism"
@@ -318,10 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             options, latent_side=options.latent_side or 44, k=min(options.k, 2)
         )
     if any(parse_method(m).published for m in options.methods):
-        try:  # the published sets fit SD v1.4's layers only: refuse before any work
-            check_model(config.model)
-        except ValueError as exc:
-            raise SystemExit(f"mitigate.py: {exc}") from None
+        check_model(config.model)  # the published sets fit SD v1.4's layers only: refuse first
     prompts = load_prompts(config.prompts, config.prompt_limit)
     usable = prompts[prompts["error"] == ""]
     clusters = cluster_prompts(usable, k=min(options.k, len(usable)), seed=config.seed)
@@ -381,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from scanner.analysis import summarize
     from scanner.report.html import build_report
+    from scanner.report.plots import method_name
 
     summarize(out)
     page = build_report(out)
@@ -388,10 +387,12 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{'method':<22} {'Table 2 score':>13} {'quality (' + results['quality_metric'] + ')':>16}"
     )
     for row in results["methods"]:
-        print(f"{row['method']:<22} {row['mitigation_score']:>13.3f} {row['quality']:>16.2f}")
+        print(
+            f"{method_name(row['method']):<22} {row['mitigation_score']:>13.3f} {row['quality']:>16.2f}"
+        )
     print(f"report: {page}")
-    return 0
+    return exits.finished(tables.count("errors"))  # 0, or 3: some inputs are error rows
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exits.run("mitigate.py", main))

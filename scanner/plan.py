@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from scanner.fbmem import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU, MATCH_BY
+from scanner.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from scanner.store import gen_id
 
 STAGES = ("generate", "load", "segment", "embed", "match", "localize")
@@ -66,6 +67,7 @@ class FullScanConfig:
     birefnet: str | None = None
     trust_remote_code: bool = False
     shard_size: int = 64  # prompts per resumable shard (times N generations)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger image files are error rows, never decoded
     report: bool = True
     resources: dict[str, StageResources] = field(default_factory=dict)
 
@@ -134,6 +136,7 @@ def validate(config: FullScanConfig) -> None:
         raise ValueError(f"match_by must be one of {MATCH_BY}, got {config.match_by!r}")
     if config.n_per_prompt < 1 or config.shard_size < 1 or config.top_k < 0:
         raise ValueError("n_per_prompt and shard_size must be >= 1 and top_k >= 0")
+    check_max_pixels(config.max_pixels)
 
 
 def segmenter_config(config: FullScanConfig):
@@ -163,9 +166,14 @@ def generation_config(config: FullScanConfig):
 
 
 def reference_store(config: FullScanConfig) -> str:
-    """The scan's reference store: the one given, or one built (resumably) at <out>/reference."""
+    """The scan's reference store, as an absolute path (the manifest's readers may run from
+    another directory): the one given, or one built (resumably) at <out>/reference."""
+    from scanner.reference import ReferenceStore
+
     if config.reference:
-        return config.reference
+        path = Path(config.reference).resolve()
+        ReferenceStore.read_manifest(path)  # not a store: a usage error before any work
+        return str(path)
     from scanner.embed import EmbedConfig
     from scanner.reference import ReferenceConfig, build_reference
 
@@ -174,9 +182,14 @@ def reference_store(config: FullScanConfig) -> str:
     build_reference(
         config.reference_images,
         path,
-        ReferenceConfig(size=config.size, segmenter=segmenter_config(config), embed=embed),
+        ReferenceConfig(
+            size=config.size,
+            segmenter=segmenter_config(config),
+            embed=embed,
+            max_pixels=config.max_pixels,
+        ),
     )
-    return str(path)
+    return str(path.resolve())
 
 
 def generation_items(prompts: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
