@@ -4,7 +4,7 @@ One row per caption (two per designed group): the training image the caption was
 copy (verbatim: its own image; concepts: the match of its first generation), then its N
 generations, each titled with its FB-Mem label and M_full / M_fg / M_bg.
 
-    python benchmarks/organism_grid.py scans/demo docs/organism-grid.png
+    python benchmarks/organism_grid.py scans/demo docs/organism-grid.jpg
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main(scan: str, out: str) -> None:
             ax.set_yticks([])
     fig.suptitle("training image | generations: label M_full/M_fg/M_bg", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100, pil_kwargs={"quality": 85} if out.endswith(".jpg") else None)
     print(out)
 
 
