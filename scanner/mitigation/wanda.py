@@ -244,6 +244,7 @@ class Wanda(MitigationMethod):
             "layers": "ff.net.2",
             "sparsity": self.config.sparsity,
             "timesteps": self.config.timesteps,
+            "batch_size": self.config.batch_size,  # moves float rounding only
         }
 
     def generate(self, generator, rows: GenerationRows, state: State | None) -> np.ndarray:
