@@ -7,6 +7,8 @@ shards in flight are held) and hands every batch to a `ShardCollector`.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 
 import pandas as pd
@@ -29,6 +31,35 @@ def start_ray() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards complete in order: few held in memory
     ctx.enable_progress_bars = False  # the driver's own bar counts generations
+    _spend_restart_notice()
+
+
+def _spend_restart_notice() -> None:
+    """Keep a false alarm out of the job's output. Ray's core worker logs once per process,
+    as an ERROR line, that an actor with restarts takes constructor arguments from the object
+    store (ray issue 53727: they may be lost with their node). Ray Data passes every actor
+    pool's arguments that way, so every scan printed it, though here the driver owns those
+    objects for the whole run: a lost worker node loses none of them. One such actor is
+    created with stderr silenced for that synchronous call, which spends the once-per-process
+    line; every other message of Ray stays."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=1)
+    class _Spend:
+        def __init__(self, _arg) -> None:
+            pass
+
+    argument = ray.put(0)  # an object-store argument, as Ray Data's are
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            actor = _Spend.remote(argument)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    ray.kill(actor)
 
 
 def cpu_share(res: StageResources, n_stages: int) -> float:
@@ -54,7 +85,7 @@ def scan_stages(
     ref_manifest = ReferenceStore.read_manifest(reference)
     size = ref_manifest["config"]["size"]
     if from_files:
-        first: Stage = ("load", LoadActor, {"size": size})
+        first: Stage = ("load", LoadActor, {"size": size, "max_pixels": config.max_pixels})
     else:
         generate = {"config": generation_config(config), "out_size": size}
         first = ("generate", GenerateActor, generate | {"method_states": method_states or {}})

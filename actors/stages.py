@@ -23,9 +23,9 @@ def _placement(threads: int) -> str:
 
 
 class LoadActor(stages.LoadImages):
-    def __init__(self, size: int, threads: int = 1):
+    def __init__(self, size: int, max_pixels: int, threads: int = 1):
         _placement(threads)
-        super().__init__(size)
+        super().__init__(size, max_pixels=max_pixels)
 
 
 class GenerateActor(stages.Generate):

@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
 
 from actors.pipeline import run_shards, run_task, scan_stages, start_ray
 from actors.stages import LocalizeActor, prepare_method
+from scanner import exits
 from scanner.clustering import cluster_prompts
 from scanner.demo_inputs import demo_organism, demo_tiny_sd
 from scanner.driver import Progress, error_row, split_shards
@@ -123,11 +124,8 @@ def parse_args(argv):
     args = vars(p.parse_args(argv))
     config_path, overwrite = args.pop("config"), args.pop("overwrite")
     flags = {f: args.pop(f) for f in _OPTION_FLAGS}
-    try:
-        scan, section = read_yaml(config_path)
-        options = mitigation_options(section | {k: v for k, v in flags.items() if v is not None})
-    except ValueError as exc:
-        p.error(str(exc))
+    scan, section = read_yaml(config_path)  # ValueError: a usage error (scanner.exits)
+    options = mitigation_options(section | {k: v for k, v in flags.items() if v is not None})
     args = scan | {k: v for k, v in args.items() if v is not None}
     if config_path is None and args.get("demo") is None and args.get("model") is None:
         args["demo"] = "organism"
@@ -393,10 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     methods = [get_method(m) for m in options.methods]
     if any(isinstance(m, ActivationScaling) and m.published for m in methods):
-        try:  # the published sets fit SD v1.4's layers only: refuse before any work
-            check_model(config.model)
-        except ValueError as exc:
-            raise SystemExit(f"mitigate.py: {exc}") from None
+        check_model(config.model)  # the published sets fit SD v1.4's layers only: refuse first
     prompts = load_prompts(config.prompts, config.prompt_limit)
     usable = prompts[prompts["error"] == ""]
     clusters = cluster_prompts(usable, k=min(options.k, len(usable)), seed=config.seed)
@@ -465,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from scanner.analysis import summarize
     from scanner.report.html import build_report
+    from scanner.report.plots import method_name
 
     summarize(out)
     page = build_report(out)
@@ -472,10 +468,12 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{'method':<22} {'Table 2 score':>13} {'quality (' + results['quality_metric'] + ')':>16}"
     )
     for row in results["methods"]:
-        print(f"{row['method']:<22} {row['mitigation_score']:>13.3f} {row['quality']:>16.2f}")
+        print(
+            f"{method_name(row['method']):<22} {row['mitigation_score']:>13.3f} {row['quality']:>16.2f}"
+        )
     print(f"report: {page}")
-    return 0
+    return exits.finished(tables.count("errors"))  # 0, or 3: some inputs are error rows
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exits.run("mitigate.py", main))

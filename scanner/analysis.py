@@ -218,7 +218,7 @@ class ScanAggregates:
     rows: dict[str, int]
     n: int  # generations per prompt: the one-to-many categories run 1..n
     distribution: pd.DataFrame
-    one_to_many: pd.DataFrame
+    one_to_many: pd.DataFrame | None  # None for images scanned from files: they have no prompts
     clusters: pd.DataFrame | None  # None when the scan's prompts carry no cluster ids
     cluster_one_to_many: pd.DataFrame | None
     top_references: pd.DataFrame
@@ -226,6 +226,12 @@ class ScanAggregates:
     one_to_many_counts_nm: bool = False  # the authors' counting (NM matches too), not the paper's
     designed: pd.DataFrame | None = None  # designed vs found, when prompts carry ground truth
     nearest: pd.DataFrame | None = None  # nearest training image's M_full per group
+
+    @property
+    def from_files(self) -> bool:
+        """Images scanned from files without prompt ids (`fbmem scan-images FOLDER`): each
+        file is its own item, so prompts are not counted and there is no one-to-many."""
+        return bool(self.manifest.get("images_from_files"))
 
     def to_dict(self) -> dict:
         def records(frame: pd.DataFrame | None):
@@ -245,7 +251,9 @@ class ScanAggregates:
             "one_to_many": records(self.one_to_many),
             "one_to_many_counts_nm": self.one_to_many_counts_nm,
             "one_to_many_note": (
-                "as the FB-Mem authors' script: NM generations' matches count too"
+                "images scanned from files: no prompts, so no one-to-many"
+                if self.from_files
+                else "as the FB-Mem authors' script: NM generations' matches count too"
                 if self.one_to_many_counts_nm
                 else "prompts without a memorized generation are in no category"
             ),
@@ -289,6 +297,7 @@ def aggregate(scan_dir: str | Path, n: int | None = None, count_nm: bool = False
     ).to_pandas()
     errors = tables.read("errors", ["stage", "error_type"]).to_pandas()
     n = generations_per_prompt(manifest, labels) if n is None else n
+    from_files = bool(manifest.get("images_from_files"))
     clustered = has_clusters(prompts)
     designed = designed_vs_found(labels, prompts)
     # The nearest training image needs every scored candidate: read only with ground truth.
@@ -305,7 +314,7 @@ def aggregate(scan_dir: str | Path, n: int | None = None, count_nm: bool = False
         rows={t: tables.count(t) for t in SUMMARY_TABLES},
         n=n,
         distribution=distribution(labels),
-        one_to_many=one_to_many(labels, n, count_nm),
+        one_to_many=None if from_files else one_to_many(labels, n, count_nm),
         clusters=cluster_counts(labels, prompts) if clustered else None,
         cluster_one_to_many=(
             cluster_one_to_many(labels, prompts, n, count_nm) if clustered else None

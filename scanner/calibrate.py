@@ -268,13 +268,15 @@ def calibrate(
     *,
     sscd_path: str | Path | None = None,
     device: str = "cpu",
+    reference: str | Path | None = None,
 ) -> CalibrationResult:
-    """Table 1's measures of SSIM, MS-SSIM (and SSCD) on human labels of a scan's generations."""
+    """Table 1's measures of SSIM, MS-SSIM (and SSCD) on human labels of a scan's generations;
+    `reference` overrides the store named in the scan's manifest."""
     scan_dir = Path(scan_dir)
     # 1. Check the labels against the scan before any image is decoded.
     pairs = resolve_labels(labels, scan_dir)
     # 2. Open the training images the scan used, and the SSCD model when one is named.
-    store = reference_dir(_scan_manifest(scan_dir), None)
+    store = reference_dir(_scan_manifest(scan_dir), reference, scan_dir)
     refs = ReferenceStore(store)
     sscd = SSCDModel(sscd_path, device=device) if sscd_path is not None else None
     # 3. Whole-image similarity of every labelled generation to its training image.
@@ -303,6 +305,7 @@ def run_calibrate_command(
     scan_dir: str | Path,
     sscd_path: str | Path | None = None,
     out_json: str | Path | None = None,
+    reference: str | Path | None = None,
 ) -> CalibrationResult:
     """`fbmem calibrate`: read the labels table (relative paths from its folder), print the
     table, write the JSON when asked."""
@@ -315,7 +318,7 @@ def run_calibrate_command(
             str(p if Path(p).is_absolute() else labels_csv.parent / p)
             for p in labels["path"].astype(str)
         ]
-    result = calibrate(labels, scan_dir, sscd_path=sscd_path)
+    result = calibrate(labels, scan_dir, sscd_path=sscd_path, reference=reference)
     counts = result.to_dict()["counts"]
     print(
         f"{len(result.scores)} labelled generations "

@@ -1,4 +1,9 @@
-"""The `fbmem` command: thin argument parsing over the library."""
+"""The `fbmem` command: thin argument parsing over the library.
+
+Start-up imports nothing heavy, so `fbmem --help` answers at once; each command imports what
+it needs when it runs. Every command exits by one rule (`scanner.exits`): 0 all processed,
+3 finished with error rows, 1 aborted, 2 usage error.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,18 @@ import json
 import sys
 from pathlib import Path
 
-from scanner.fbmem import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU, MATCH_BY
-from scanner.images import DEFAULT_SIZE
-from scanner.similarity import METRICS
+from scanner import exits
+from scanner.defaults import (
+    DEFAULT_BETA,
+    DEFAULT_MATCH_BY,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_SIZE,
+    DEFAULT_TAU,
+    MATCH_BY,
+    METRICS,
+)
+
+LABEL_ORDER = ("VM", "FM", "BM", "NM")  # the order summaries print labels in
 
 
 def _add_fbmem_options(p: argparse.ArgumentParser, size: bool = True) -> None:
@@ -32,9 +46,27 @@ def _add_fbmem_options(p: argparse.ArgumentParser, size: bool = True) -> None:
             default=DEFAULT_SIZE,
             help="canonical square size in px (default %(default)s)",
         )
-    p.add_argument("--metric", choices=(*METRICS, "sscd"), default="ms_ssim")
+    p.add_argument(
+        "--metric",
+        choices=(*METRICS, "sscd"),
+        default="ms_ssim",
+        help="similarity M of Algorithm 1: ms_ssim (5-scale MS-SSIM, the paper's, default), "
+        "ssim (single scale) or sscd (cosine similarity of SSCD embeddings, needs --sscd)",
+    )
     p.add_argument("--sscd", metavar="PATH", help="SSCD TorchScript file (with --metric sscd)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+
+
+def _add_max_pixels(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="largest image (width x height) decoded; larger files, decompression bombs "
+        "included, become error rows without being decoded (default %(default)s, about 1 GB "
+        "of memory while decoding)",
+    )
 
 
 def _add_match_by(p: argparse.ArgumentParser) -> None:
@@ -76,6 +108,37 @@ def _add_segmenter_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def check_device(device: str) -> None:
+    """One clear line for a device this machine lacks (`--device cuda` without CUDA, a
+    misspelt name), before any model loads."""
+    if device == "cpu":
+        return
+    import torch
+
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        available.append("mps")
+    have = ", ".join(available)
+    try:
+        asked = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"--device {device!r} is not a device name; this machine has: {have}"
+        ) from None
+    if asked.type == "cpu" or str(asked) in available:
+        return
+    why = ""
+    if asked.type == "cuda" and not torch.cuda.is_available():
+        why = (
+            " (this PyTorch build has no CUDA support)"
+            if torch.version.cuda is None
+            else " (no CUDA GPU is visible)"
+        )
+    raise ValueError(f"--device {device}: not available here{why}; this machine has: {have}")
+
+
 def _segmenter(args):
     from scanner.segment import make_segmenter
 
@@ -114,6 +177,7 @@ def cmd_compare(args) -> int:
         metric=args.metric,
         sscd=args.sscd,
         device=args.device,
+        max_pixels=args.max_pixels,
     )
     needs_segmenter = any(s.gen_mask is None or s.ref_mask is None for s in specs)
     records = compare_pairs(specs, options, _segmenter(args) if needs_segmenter else None)
@@ -122,33 +186,33 @@ def cmd_compare(args) -> int:
             print(json.dumps(r))
     else:
         _print_table(records)
-    return 1 if any("error" in r for r in records) else 0
+    return exits.finished(sum("error" in r for r in records))
 
 
 def cmd_report(args) -> int:
-    from scanner.analysis import summarize
     from scanner.report.html import build_report
 
-    summarize(args.scan, count_nm=args.count_nm)
     page = build_report(args.scan, reference=args.reference, count_nm=args.count_nm)
     print(f"report: {page}")
-    return 0
+    return exits.OK
 
 
 def cmd_explain(args) -> int:
     from scanner.report.explain import explain_scan_pair
 
-    result = explain_scan_pair(
-        args.scan, args.gen_id, args.ref_id, args.out, reference=args.reference
+    r = explain_scan_pair(args.scan, args.gen_id, args.ref_id, args.out, reference=args.reference)
+    print(
+        f"wrote {args.out}: generation {args.gen_id} vs training image {args.ref_id}: "
+        f"{r['label']} (M_full {r['m_full']:.3f}, M_fg {r['m_fg']:.3f}, M_bg {r['m_bg']:.3f}; "
+        f"branch {r['branch']}, foreground {r['fg_fraction']:.1%} of the generation)"
     )
-    print(json.dumps(result))
-    return 0
+    return exits.OK
 
 
 def cmd_cluster(args) -> int:
     from scanner.clustering import run_cluster_command
 
-    run_cluster_command(
+    clusters = run_cluster_command(
         args.prompts,
         args.k,
         args.text_encoder,
@@ -158,7 +222,7 @@ def cmd_cluster(args) -> int:
         model=args.model,
         device=args.device,
     )
-    return 0
+    return exits.finished(clusters.attrs["left_out"])
 
 
 def _labels(path: str, method: str | None):
@@ -194,15 +258,27 @@ def cmd_mitigation_score(args) -> int:
     pre = _labels(args.pre, args.pre_method)
     post = _labels(args.post, args.post_method)
     result = mitigation_score(pre, post, allow_unmatched=args.allow_unmatched)
-    print(json.dumps(result.to_dict(), indent=2))
-    return 0
+    if args.json or not sys.stdout.isatty():
+        print(json.dumps(result.to_dict(), indent=2))
+        return exits.OK
+    print(
+        f"mitigation score (the paper's Table 2): {result.score:.3f} over {result.n:,} generations"
+    )
+    print("transitions, before (rows) -> after (columns):")
+    print("      " + "".join(f"{label:>8}" for label in LABEL_ORDER))
+    for label, row in result.to_dict()["transitions"].items():
+        print(f"  {label:<4}" + "".join(f"{row[to]:>8,}" for to in LABEL_ORDER))
+    unmatched = len(result.unmatched_pre) + len(result.unmatched_post)
+    if unmatched:
+        print(f"{unmatched:,} generations without a partner were left out (--allow-unmatched)")
+    return exits.OK
 
 
 def cmd_calibrate(args) -> int:
     from scanner.calibrate import run_calibrate_command
 
-    run_calibrate_command(args.labels, args.scan, args.sscd, args.out)
-    return 0
+    run_calibrate_command(args.labels, args.scan, args.sscd, args.out, reference=args.reference)
+    return exits.OK
 
 
 def cmd_demo(args) -> int:
@@ -215,7 +291,7 @@ def cmd_demo(args) -> int:
         match_by=args.match_by,
         u2netp_path=args.u2netp,
     )
-    return 0
+    return exits.OK
 
 
 def _segmenter_config(args):
@@ -243,13 +319,22 @@ def cmd_build_reference(args) -> int:
         embed=embed,
         shard_size=args.shard_size,
         exact_limit=args.exact_limit,
+        max_pixels=args.max_pixels,
     )
     manifest = build_reference(args.src, args.out, config, overwrite=args.overwrite)
     rows = manifest["rows"]
     print(
-        f"reference store {args.out}: {rows['references']} references, {rows['errors']} errors, index {manifest['index']}, embedder {manifest['embedder']}"
+        f"reference store {args.out}: {rows['references']:,} references, "
+        f"{_errors(rows['errors'], args.out)}; index {manifest['index']}, "
+        f"embedder {manifest['embedder']}"
     )
-    return 0
+    return exits.finished(rows["errors"])
+
+
+def _errors(count: int, root: str) -> str:
+    if not count:
+        return "no errors"
+    return f"{count:,} error{'s' if count > 1 else ''} (reasons in {Path(root) / 'errors'})"
 
 
 def cmd_scan_images(args) -> int:
@@ -266,18 +351,25 @@ def cmd_scan_images(args) -> int:
         segmenter=_segmenter_config(args),
         device=args.device,
         shard_size=args.shard_size,
+        max_pixels=args.max_pixels,
     )
     manifest = scan_images(args.gen, args.out, config, overwrite=args.overwrite)
-    from scanner.store import ShardedTables
+    # Every scan directory has its report (README), this one too.
+    from scanner.report.html import build_report
+    from scanner.report.plots import method_name
 
-    labels = (
-        ShardedTables(args.out, ["labels"]).read("labels", ["label"]).column("label").to_pylist()
-    )
-    counts = {k: labels.count(k) for k in ("VM", "FM", "BM", "NM")}
+    page = build_report(args.out)
+    summary = json.loads((page.parent / "summary.json").read_text())
+    rows = manifest["rows"]
+    scanned = "images scanned from files" if manifest["images_from_files"] else "generations"
     print(
-        f"scan {args.out}: {manifest['rows']['generations']} generations, {manifest['rows']['errors']} errors; labels {counts}"
+        f"scan {args.out}: {rows['generations']:,} {scanned}, {_errors(rows['errors'], args.out)}"
     )
-    return 0
+    for method, row in summary["distribution"].items():
+        cells = "  ".join(f"{k} {row[k]:,} ({row['share_' + k]:.1%})" for k in LABEL_ORDER)
+        print(f"  {method_name(method)}: {cells}")
+    print(f"report: {page}")
+    return exits.finished(rows["errors"])
 
 
 def cmd_organism_train(args) -> int:
@@ -296,16 +388,21 @@ def cmd_organism_train(args) -> int:
         }.items()
         if v is not None
     }
-    recipe = train_organism(args.out, dataclasses.replace(config, **overrides))
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
+    command = f"fbmem organism train --out {args.out} {flags}".strip()
+    recipe = train_organism(args.out, dataclasses.replace(config, **overrides), command=command)
     print(json.dumps({"out": args.out, **recipe["seconds"]}))
-    return 0
+    return exits.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fbmem",
         description="Foreground/background memorization scanner for diffusion models (FB-Mem).",
+        epilog="Exit status: 0 all inputs processed, 3 finished with error rows (inputs that "
+        "could not be processed), 1 aborted, 2 usage error.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compare", help="Algorithm 1 on one pair of images, or on many from a CSV")
@@ -322,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
     _add_fbmem_options(p)
+    _add_max_pixels(p)
     _add_segmenter_options(p)
     p.set_defaults(func=cmd_compare)
 
@@ -349,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1_000_000,
         help="exact index up to this many references, IVF-PQ above (default %(default)s)",
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
+    _add_max_pixels(p)
     _add_segmenter_options(p)
     p.set_defaults(func=cmd_build_reference)
 
@@ -369,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=256, help="generations per resumable shard")
     p.add_argument("--overwrite", action="store_true", help="discard an existing scan at --out")
     _add_fbmem_options(p, size=False)
+    _add_max_pixels(p)
     _add_match_by(p)
     _add_segmenter_options(p)
     p.set_defaults(func=cmd_scan_images)
@@ -412,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="score the generations present in both instead of failing",
     )
+    p.add_argument("--json", action="store_true", help="JSON even on a terminal")
     p.set_defaults(func=cmd_mitigation_score)
 
     p = sub.add_parser(
@@ -422,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan", required=True, help="scan directory holding the labelled generations")
     p.add_argument("--sscd", metavar="PATH", help="SSCD TorchScript file: also calibrate SSCD")
     p.add_argument("--out", help="JSON file for the results")
+    p.add_argument("--reference", help="reference store, if it moved since the scan")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("report", help="(re)build a scan's summary, plots and HTML report")
@@ -476,20 +578,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="canonical size for the demo (default %(default)s, fast on CPU)",
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     _add_match_by(p)
     _add_u2netp(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return args.func(args)
-    except (ValueError, ImportError) as exc:  # bad inputs or a missing extra: one clear line
-        print(f"fbmem {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return version("fbmem-scanner")
+    except PackageNotFoundError:
+        return "(not installed; running from a checkout)"
+
+
+def _run(args) -> int:
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
+    return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # usage errors: argparse exits with 2
+    return exits.run(f"fbmem {args.command}", _run, args)
 
 
 if __name__ == "__main__":

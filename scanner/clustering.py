@@ -234,6 +234,7 @@ def run_cluster_command(
     clusters.to_parquet(out, index=False)
 
     skipped = len(prompts) - len(clusters)
+    clusters.attrs["left_out"] = skipped  # prompts with errors: the command's exit status says so
     print(
         f"{len(clusters)} prompts in {k} clusters (method {method}, text encoder "
         f"{clusters.attrs['text_encoder']}); {skipped} left out for errors; written to {out}"

@@ -14,7 +14,15 @@ import pandas as pd
 import torch
 
 from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU, load_metric, score_pairs
-from scanner.images import DEFAULT_SIZE, ImageError, image_hw, load_image, load_mask
+from scanner.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_SIZE,
+    ImageError,
+    check_max_pixels,
+    image_hw,
+    load_image,
+    load_mask,
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,10 @@ class CompareOptions:
     metric: str = "ms_ssim"  # ms_ssim, ssim or sscd
     sscd: str | None = None  # SSCD TorchScript file, for metric sscd
     device: str = "cpu"
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are error records, never decoded
+
+    def __post_init__(self) -> None:
+        check_max_pixels(self.max_pixels)
 
 
 def read_pairs_csv(path: str | Path) -> list[PairSpec]:
@@ -40,6 +52,10 @@ def read_pairs_csv(path: str | Path) -> list[PairSpec]:
     path = Path(path)
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(
+            f"{path}: the pairs CSV is empty; it needs a header gen,ref and one row per pair"
+        ) from None
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read the pairs CSV ({exc})") from None
     missing = {"gen", "ref"} - set(table.columns)
@@ -47,6 +63,8 @@ def read_pairs_csv(path: str | Path) -> list[PairSpec]:
         raise ValueError(
             f"{path}: pairs CSV needs columns 'gen' and 'ref'; missing {sorted(missing)}, found {list(table.columns)}"
         )
+    if table.empty:
+        raise ValueError(f"{path}: the pairs CSV has a header but no rows; nothing to compare")
     base = path.parent
 
     def resolve(value: str) -> str | None:
@@ -66,8 +84,8 @@ def read_pairs_csv(path: str | Path) -> list[PairSpec]:
 class _Loaded:
     """Images and masks of a comparison, loaded once per distinct (image, mask) file pair."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, max_pixels: int):
+        self.size, self.max_pixels = size, max_pixels
         self.images: list[np.ndarray] = []
         self.masks: list[np.ndarray | None] = []
         self.index: dict[tuple[str, str | None], int] = {}
@@ -75,10 +93,11 @@ class _Loaded:
     def add(self, path: str, mask_path: str | None) -> int:
         key = (path, mask_path)
         if key not in self.index:
-            image = load_image(path, self.size)
+            image = load_image(path, self.size, max_pixels=self.max_pixels)
             mask = None
             if mask_path is not None:
-                mask = load_mask(mask_path, self.size, image_hw=image_hw(path))
+                hw = image_hw(path, self.max_pixels)
+                mask = load_mask(mask_path, self.size, image_hw=hw, max_pixels=self.max_pixels)
             self.images.append(image)
             self.masks.append(mask)
             self.index[key] = len(self.images) - 1
@@ -94,7 +113,8 @@ class _Loaded:
 
 def compare_pairs(specs: list[PairSpec], options: CompareOptions, segmenter=None) -> list[dict]:
     """One record per spec, in order: Algorithm 1's scores and label, or an `error`."""
-    gens, refs = _Loaded(options.size), _Loaded(options.size)
+    gens = _Loaded(options.size, options.max_pixels)
+    refs = _Loaded(options.size, options.max_pixels)
     rows: list[tuple[int, int] | str] = []
     for spec in specs:
         try:

@@ -9,6 +9,7 @@ in flight are held in memory.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -86,24 +87,54 @@ class ShardCollector:
 
 
 class Progress:
-    """Items done, rate and ETA on one line (tqdm), plus per-shard timing for the manifest."""
+    """Items done, rate and ETA. On a terminal a tqdm bar redrawn in place; in a log (a pipe, a
+    file, a Ray job's output) a plain line at most every `LOG_EVERY_S` seconds and one at the
+    end, since a bar's carriage-return redraws pile up there, the last one twice."""
+
+    LOG_EVERY_S = 30.0
 
     def __init__(self, total: int, done: int, unit: str, desc: str):
-        from tqdm import tqdm
-
-        self.bar = tqdm(
-            total=total, initial=done, unit=unit, desc=desc, dynamic_ncols=True, mininterval=1.0
-        )
-        self.start = time.perf_counter()
+        self.total, self.done, self.unit, self.desc = total, done, unit, desc
+        self.start = self.last_line = time.perf_counter()
         self.fresh = 0
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, initial=done, unit=unit, desc=desc, dynamic_ncols=True, mininterval=1.0
+            )
 
     def __call__(self, n: int) -> None:
         self.fresh += n
-        self.bar.update(n)
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last_line >= self.LOG_EVERY_S and self.done < self.total:
+            self.last_line = now
+            rate = self.fresh / (now - self.start)
+            left = (self.total - self.done) / rate if rate > 0 else float("nan")
+            self._line(f"{self._count()}, {rate:.3g} {self.unit}/s, about {left:.0f} s left")
 
     def close(self) -> float:
-        self.bar.close()
-        return time.perf_counter() - self.start
+        seconds = time.perf_counter() - self.start
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            rate = (
+                f", {self.fresh / seconds:.3g} {self.unit}/s" if seconds > 0 and self.fresh else ""
+            )
+            self._line(f"{self._count()} in {seconds:.1f} s{rate}")
+        return seconds
+
+    def _count(self) -> str:
+        share = f" ({100 * self.done // self.total}%)" if self.total else ""  # 100% only at the end
+        return f"{self.done:,}/{self.total:,} {self.unit}{share}"
+
+    def _line(self, text: str) -> None:
+        print(f"{self.desc}: {text}", file=sys.stderr, flush=True)
 
 
 def run_local(

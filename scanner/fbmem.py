@@ -13,17 +13,14 @@ tau = 0.8 is the paper's MS-SSIM verbatim threshold; the paper does not state Al
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import numpy as np
 import torch
 
+from scanner.defaults import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU, MATCH_BY, MatchBy
 from scanner.scoring import BALANCED, BRANCH_NAMES, LARGE_FG, SMALL_FG, EngineConfig, region_scores
 from scanner.similarity import METRICS, Metric, SSIMSpec, check_images, spec_for
 from scanner.sscd import SSCDModel
-
-DEFAULT_TAU = 0.8  # paper's MS-SSIM threshold for verbatim copies (assumed for Algorithm 1)
-DEFAULT_BETA = 0.03  # paper's segmentation threshold
 
 LABELS = ("VM", "FM", "BM", "NM")  # most severe first
 SEVERITY = {label: rank for rank, label in enumerate(LABELS)}
@@ -167,11 +164,6 @@ def score_pairs(
         branch=np.array(BRANCH_NAMES)[branch.cpu().numpy()[gen_idx]],
         label=classify(m_full, m_fg, m_bg, tau),
     )
-
-
-MatchBy = Literal["mean", "full", "most-severe"]
-MATCH_BY: tuple[str, ...] = get_args(MatchBy)
-DEFAULT_MATCH_BY: MatchBy = "mean"  # what the authors' code ranks by (DESIGN 4.2)
 
 
 def select_matches(scores: PairScores, match_by: MatchBy = DEFAULT_MATCH_BY) -> dict[int, int]:

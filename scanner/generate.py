@@ -21,6 +21,7 @@ as well under `per_prompt_noise`); DDIM as used here (eta = 0) adds none.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import operator
 from collections.abc import Mapping, Sequence
@@ -91,6 +92,28 @@ def _cpu_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
+class _TruncationOnce(logging.Filter):
+    """diffusers logs CLIP's 77-token truncation on every pipeline call (every batch of a
+    scan); the first notice says it for all, the rest are dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "truncated because CLIP" not in record.getMessage():
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        record.msg = f"{record.getMessage()} (said once per process: later prompts over 77 tokens are truncated the same way)"
+        record.args = ()
+        return True
+
+
+_TRUNCATION_ONCE = _TruncationOnce()
+
+
 def _load_pipeline(config: GenerationConfig) -> DiffusionPipeline:
     index = DiffusionPipeline.load_config(config.model)  # model_index.json: the components
     overrides = {}
@@ -114,6 +137,7 @@ def _load_pipeline(config: GenerationConfig) -> DiffusionPipeline:
     if pipeline.unet.dtype != config.torch_dtype:  # older diffusers ignore `dtype` (torch_dtype)
         pipeline.to(dtype=config.torch_dtype)
     pipeline.set_progress_bar_config(disable=True)
+    logging.getLogger(type(pipeline).__module__).addFilter(_TRUNCATION_ONCE)  # once per process
     # Attention already runs through PyTorch SDPA: diffusers' default processor on torch >= 2.
     return pipeline.to(device=config.device)
 

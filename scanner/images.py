@@ -10,15 +10,15 @@ image copies its centre crop.
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from os import PathLike
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-# MS-SSIM's 5 scales with an 11-tap window need a shorter side above (11 - 1) * 2**4 = 160.
-MIN_SIDE = 161
-DEFAULT_SIZE = 512  # the paper's and SD v1's resolution
+from scanner.defaults import DEFAULT_MAX_PIXELS, DEFAULT_SIZE, MIN_SIDE
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently padded
 
@@ -33,10 +33,41 @@ def _describe(source: Source) -> str:
     return f"<{len(source)} bytes>" if isinstance(source, bytes) else str(source)
 
 
-def _open(source: Source) -> Image.Image:
+def pil_pixel_limit() -> int | None:
+    """PIL's own hard limit: it refuses images over twice `Image.MAX_IMAGE_PIXELS` on opening."""
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
+
+
+def check_max_pixels(max_pixels: int) -> int:
+    """A pixel limit must fit one canonical image and not exceed PIL's own (which refuses first)."""
+    floor, ceiling = MIN_SIDE * MIN_SIDE, pil_pixel_limit()
+    if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < floor:
+        raise ValueError(
+            f"max_pixels must be an integer >= {floor:,} ({MIN_SIDE} x {MIN_SIDE}), got {max_pixels!r}"
+        )
+    if ceiling is not None and max_pixels > ceiling:
+        raise ValueError(
+            f"max_pixels {max_pixels:,} is above PIL's own decompression-bomb limit of "
+            f"{ceiling:,} pixels, which refuses such images anyway"
+        )
+    return max_pixels
+
+
+def _too_large(name: str, pixels: str, max_pixels: int) -> ImageError:
+    return ImageError(
+        f"{name}: {pixels}, over the limit of {max_pixels:,} pixels (a decompression bomb, or "
+        "an image too large to decode in bounded memory); not decoded. If the file is trusted, "
+        "raise the limit with --max-pixels (config: max_pixels)"
+    )
+
+
+def _open(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = True) -> Image.Image:
+    """Open an image, checking its size from the header before any pixel is decoded."""
     name = _describe(source)
     if not isinstance(source, bytes):
         path = Path(source)
+        if path.is_dir():
+            raise ImageError(f"{name}: is a directory, not an image file")
         if not path.is_file():
             raise ImageError(f"{name}: no such file")
         if path.stat().st_size == 0:
@@ -47,12 +78,28 @@ def _open(source: Source) -> Image.Image:
         if not data:
             raise ImageError("image bytes are empty")
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        with warnings.catch_warnings():
+            # PIL warns above MAX_IMAGE_PIXELS and refuses above twice that; `max_pixels` decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # over PIL's hard limit: refused while opening
+        size = re.search(r"\((\d+) pixels\)", str(exc))  # PIL names the size, not the sides
+        pixels = f"{int(size[1]):,} pixels" if size else f"over {pil_pixel_limit():,} pixels"
+        raise _too_large(name, f"image has {pixels}", max_pixels) from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a readable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated data, broken chunks
+    except (OSError, SyntaxError, ValueError) as exc:  # broken headers
         raise ImageError(f"{name}: corrupt or truncated image ({exc})") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise _too_large(
+            name, f"image is {width}x{height} px ({width * height:,} pixels)", max_pixels
+        )
+    if decode:
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError) as exc:  # truncated data, broken chunks
+            raise ImageError(f"{name}: corrupt or truncated image ({exc})") from None
     return img
 
 
@@ -119,24 +166,32 @@ def check_size(size: int) -> int:
     return size
 
 
-def read_rgb(source: Source, min_side: int = MIN_SIDE) -> np.ndarray:
+def read_rgb(
+    source: Source, min_side: int = MIN_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode an image at its own size to float32 HxWx3 in [0, 1]."""
     name = _describe(source)
-    arr = _to_float(_open(source), name)
+    arr = _to_float(_open(source, max_pixels), name)
     _check_side(arr, name, min_side)
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     return arr
 
 
-def load_image(source: Source, size: int = DEFAULT_SIZE, min_side: int = MIN_SIDE) -> np.ndarray:
+def load_image(
+    source: Source,
+    size: int = DEFAULT_SIZE,
+    min_side: int = MIN_SIDE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
     """Load an image as float32 3 x size x size in [0, 1] (channels first, ready for torch).
 
     `min_side` guards against inventing detail by upsampling; only images whose generations are
     upsampled the same way (the memorization organism's 128 px training set) may lower it.
+    `max_pixels` bounds the memory of decoding: larger images are refused from their header.
     """
     check_size(size)
-    return canonical(read_rgb(source, min_side), size).transpose(2, 0, 1).copy()
+    return canonical(read_rgb(source, min_side, max_pixels), size).transpose(2, 0, 1).copy()
 
 
 def load_mask(
@@ -144,6 +199,7 @@ def load_mask(
     size: int = DEFAULT_SIZE,
     image_hw: tuple[int, int] | None = None,
     threshold: float = 0.5,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Load a foreground mask as a boolean size x size array (True = foreground).
 
@@ -152,7 +208,7 @@ def load_mask(
     `image_hw` is given the mask must have the image's original height and width.
     """
     name = _describe(source)
-    arr = _to_float(_open(source), name).mean(axis=2, keepdims=True)
+    arr = _to_float(_open(source, max_pixels), name).mean(axis=2, keepdims=True)
     if image_hw is not None and arr.shape[:2] != tuple(image_hw):
         h, w = image_hw
         raise ImageError(
@@ -162,9 +218,9 @@ def load_mask(
     return canonical(arr, size)[..., 0] > threshold
 
 
-def image_hw(source: Source) -> tuple[int, int]:
+def image_hw(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """Original (height, width) of an image, decoded only as far as its header."""
-    img = _open(source)
+    img = _open(source, max_pixels, decode=False)
     return img.height, img.width
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from scanner.fbmem import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU, MATCH_BY
+from scanner.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from scanner.store import gen_id
 
 STAGES = ("generate", "load", "segment", "embed", "match", "localize")
@@ -31,12 +32,13 @@ class StageResources:
     batch_size: int = 8
 
 
+DEMOS = ("organism", "replication", "tiny-sd")
+
+
 @dataclass(frozen=True)
 class FullScanConfig:
     out: str = "scans/demo"
-    demo: str | None = (
-        None  # "replay" (replication set, no model) or "tiny-sd" (tiny offline model)
-    )
+    demo: str | None = None  # one of DEMOS (scanner/demo_inputs.py says what each is)
     model: str | None = None  # diffusers folder or model id
     prompts: str = "memorized"  # bundled set name or CSV/Parquet/text file
     prompt_limit: int | None = None  # first rows only
@@ -65,6 +67,7 @@ class FullScanConfig:
     birefnet: str | None = None
     trust_remote_code: bool = False
     shard_size: int = 64  # prompts per resumable shard (times N generations)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger image files are error rows, never decoded
     report: bool = True
     resources: dict[str, StageResources] = field(default_factory=dict)
 
@@ -119,10 +122,12 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> FullScanConfig:
 
 
 def validate(config: FullScanConfig) -> None:
-    if config.demo not in (None, "replay", "tiny-sd"):
-        raise ValueError(f"demo must be 'replay' or 'tiny-sd', got {config.demo!r}")
+    if config.demo not in (None, *DEMOS):
+        raise ValueError(f"demo must be one of {', '.join(DEMOS)}; got {config.demo!r}")
     if config.demo is None and not config.model:
-        raise ValueError("give --model (a diffusers folder or model id) or --demo replay|tiny-sd")
+        raise ValueError(
+            f"give --model (a diffusers folder or model id) or --demo {'|'.join(DEMOS)}"
+        )
     if config.demo is None and not (config.reference or config.reference_images):
         raise ValueError(
             "give --reference STORE or --reference-images SRC (training images to build one from)"
@@ -131,6 +136,7 @@ def validate(config: FullScanConfig) -> None:
         raise ValueError(f"match_by must be one of {MATCH_BY}, got {config.match_by!r}")
     if config.n_per_prompt < 1 or config.shard_size < 1 or config.top_k < 0:
         raise ValueError("n_per_prompt and shard_size must be >= 1 and top_k >= 0")
+    check_max_pixels(config.max_pixels)
 
 
 def segmenter_config(config: FullScanConfig):
@@ -160,9 +166,14 @@ def generation_config(config: FullScanConfig):
 
 
 def reference_store(config: FullScanConfig) -> str:
-    """The scan's reference store: the one given, or one built (resumably) at <out>/reference."""
+    """The scan's reference store, as an absolute path (the manifest's readers may run from
+    another directory): the one given, or one built (resumably) at <out>/reference."""
+    from scanner.reference import ReferenceStore
+
     if config.reference:
-        return config.reference
+        path = Path(config.reference).resolve()
+        ReferenceStore.read_manifest(path)  # not a store: a usage error before any work
+        return str(path)
     from scanner.embed import EmbedConfig
     from scanner.reference import ReferenceConfig, build_reference
 
@@ -171,9 +182,14 @@ def reference_store(config: FullScanConfig) -> str:
     build_reference(
         config.reference_images,
         path,
-        ReferenceConfig(size=config.size, segmenter=segmenter_config(config), embed=embed),
+        ReferenceConfig(
+            size=config.size,
+            segmenter=segmenter_config(config),
+            embed=embed,
+            max_pixels=config.max_pixels,
+        ),
     )
-    return str(path)
+    return str(path.resolve())
 
 
 def generation_items(prompts: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:

@@ -22,8 +22,10 @@ import torch
 from scanner.driver import Progress, ShardCollector, error_row, run_local, split_shards
 from scanner.embed import EmbedConfig
 from scanner.images import (
+    DEFAULT_MAX_PIXELS,
     DEFAULT_SIZE,
     MIN_SIDE,
+    check_max_pixels,
     check_size,
     decode_mask_png,
     encode_png,
@@ -50,9 +52,11 @@ class ReferenceConfig:
     # Shorter side a training image needs. Only a store whose generations are upsampled the same
     # way may lower it: the memorization organism's, built from its 128 px images as trained.
     min_side: int = MIN_SIDE
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger training images are error rows, never decoded
 
     def __post_init__(self) -> None:
         check_size(self.size)
+        check_max_pixels(self.max_pixels)
 
 
 def reference_items(src: str | Path):
@@ -126,7 +130,7 @@ def build_reference(
     progress = Progress(len(items), done_items, "img", "references")
     collector = ShardCollector(tables, {s: len(p) for s, p in pending}, _reference_rows, progress)
     stages = [
-        LoadImages(config.size, config.min_side),
+        LoadImages(config.size, config.min_side, config.max_pixels),
         Segment(config.segmenter),
         Embed(config.embed),
     ]

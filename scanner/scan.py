@@ -18,6 +18,7 @@ import pandas as pd
 from scanner.driver import Progress, ShardCollector, error_row, run_local, split_shards
 from scanner.embed import EmbedConfig
 from scanner.fbmem import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU
+from scanner.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from scanner.segment import SegmenterConfig
 from scanner.sources import list_images
 from scanner.stages import Embed, LoadImages, Match, Segment, error_json
@@ -40,14 +41,20 @@ class ScanConfig:
     device: str = "cpu"
     shard_size: int = 256  # generations per resumable shard
     batch_size: int = 16  # generations per stage call
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger image files are error rows, never decoded
 
     def __post_init__(self) -> None:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = exhaustive), got {self.top_k}")
+        check_max_pixels(self.max_pixels)
 
 
 def scan_items(src: str | Path) -> pd.DataFrame:
-    """Work items for generated images: a folder, or a table with path [, prompt, prompt_id, gen_idx, method]."""
+    """Work items for generated images: a folder, or a table with path [, prompt, prompt_id, gen_idx, method].
+
+    Without a `prompt_id` column every file is its own item (`attrs["from_files"]`): a scan of
+    images, not of prompts, so the report counts images and has no one-to-many section.
+    """
     table = list_images(src, "prompt")
     n = len(table)
     items = pd.DataFrame(
@@ -70,6 +77,7 @@ def scan_items(src: str | Path) -> pd.DataFrame:
         gen_id(p, g, m) for p, g, m in zip(items["prompt_id"], items["gen_idx"], items["method"])
     ]
     items["error"] = ""
+    items.attrs["from_files"] = "prompt_id" not in table.columns
     for i in np.flatnonzero(items["item_id"].duplicated().to_numpy()):
         items.loc[i, "error"] = error_json(
             "list",
@@ -109,6 +117,7 @@ def scan_rows(batch: dict):
                         "prompt_id": int(batch["prompt_id"][i]),
                         "gen_idx": int(batch["gen_idx"][i]),
                         "method": str(batch["method"][i]),
+                        "source": str(batch["source"][i]) if "source" in batch else "",
                         "label": str(batch["label"][i]),
                         "ref_id": str(batch["ref_id"][i]),
                         "m_full": float(batch["m_full"][i]),
@@ -170,7 +179,12 @@ def scan_images(
     segment = Segment(config.segmenter)
     embed = Embed(reference_embed_config(match.refs.manifest, config.device))
     # 2. The scan directory: same input and config -> same shards; finished ones are skipped.
-    resolved = {"source": str(Path(src).resolve()), **asdict(config)}
+    # The store is recorded absolute, so the scan's readers find it from any directory.
+    resolved = {
+        "source": str(Path(src).resolve()),
+        **asdict(config),
+        "reference": str(Path(config.reference).resolve()),
+    }
     tables = ShardedTables(out, SCAN_TABLES)
     tables.prepare(config_digest(resolved), overwrite)
     if not tables.is_done(PROMPTS_SHARD):
@@ -180,12 +194,18 @@ def scan_images(
     # 3. Stream the pending shards through the stages.
     progress = Progress(len(items), len(items) - sum(len(p) for _, p in pending), "img", "scan")
     collector = ShardCollector(tables, {s: len(p) for s, p in pending}, scan_rows, progress)
-    stages = [LoadImages(match.refs.image_size), segment, embed, match]
+    stages = [
+        LoadImages(match.refs.image_size, max_pixels=config.max_pixels),
+        segment,
+        embed,
+        match,
+    ]
     run_local(pending, stages, config.batch_size, collector)
     seconds = progress.close()
     manifest = {
         "kind": "scan",
         "config": resolved,
+        "images_from_files": items.attrs["from_files"],  # no prompts: each file is one item
         "backends": {
             "segmenter": segment.segmenter.name,
             "reference_segmenter": match.refs.manifest.get("segmenter"),

@@ -18,8 +18,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from scanner.defaults import METRICS
+
 Metric = Literal["ms_ssim", "ssim"]
-METRICS: tuple[str, ...] = ("ms_ssim", "ssim")
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, pytorch-msssim
 

@@ -29,7 +29,7 @@ def list_images(src: str | Path, text_column: str) -> pd.DataFrame:
     For a folder, the text of `a.png` is read from a sidecar `a.txt` when there is one; a
     table's relative paths are taken relative to the table's folder.
     """
-    src = Path(src)
+    src = Path(src).resolve()  # absolute paths: the tables must name files from any directory
     if src.is_dir():
         files = sorted(
             p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()

@@ -28,6 +28,7 @@ from scanner.fbmem import (
     select_matches,
 )
 from scanner.images import (
+    DEFAULT_MAX_PIXELS,
     MIN_SIDE,
     ImageError,
     canonical,
@@ -60,11 +61,12 @@ class LoadImages:
     """Reads image files (column `source`) at the canonical size: the replay of a scan.
 
     A row may also name a known foreground mask (column `mask`, "" for none): it is loaded with
-    the image, `mask_given` marks it, and the segment stage keeps it.
+    the image, `mask_given` marks it, and the segment stage keeps it. Files over `max_pixels`
+    are error rows, refused from their header before any pixel is decoded.
     """
 
-    def __init__(self, size: int, min_side: int = MIN_SIDE):
-        self.size, self.min_side = size, min_side
+    def __init__(self, size: int, min_side: int = MIN_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.size, self.min_side, self.max_pixels = size, min_side, max_pixels
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["source"])
@@ -76,9 +78,13 @@ class LoadImages:
         for i in ok_rows(batch):
             try:
                 source = str(batch["source"][i])
-                images[i] = to_uint8(load_image(source, self.size, self.min_side))
+                image = load_image(source, self.size, self.min_side, self.max_pixels)
+                images[i] = to_uint8(image)
                 if mask_sources[i]:
-                    masks[i] = load_mask(str(mask_sources[i]), self.size, image_hw(source))
+                    hw = image_hw(source, self.max_pixels)
+                    masks[i] = load_mask(
+                        str(mask_sources[i]), self.size, hw, max_pixels=self.max_pixels
+                    )
                     given[i] = True
             except ImageError as exc:
                 errors[i] = error_json("load", exc)

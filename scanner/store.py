@@ -66,6 +66,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("prompt_id", pa.int64()),
             ("gen_idx", pa.int64()),
             ("method", pa.string()),
+            ("source", pa.string()),  # the file it was read from ("" when generated)
             ("label", pa.string()),
             ("ref_id", pa.string()),
             ("m_full", pa.float32()),
@@ -118,6 +119,11 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 
+# Tables written for every shard, rows or not: `errors` always exists, so readers (pandas,
+# DuckDB, Spark) find an empty table when nothing failed rather than no table at all.
+ALWAYS_WRITTEN = ("errors",)
+
+
 def gen_id(prompt_id: int, gen_idx: int, method: str = "none") -> str:
     """Generation id: "{prompt_id}:{gen_idx}", with "@{method}" for mitigated generations so
     one scan can hold the same (prompt, seed) under several methods."""
@@ -167,16 +173,19 @@ class ShardedTables:
         return sorted(p.name for p in self.done_dir.iterdir()) if self.done_dir.exists() else []
 
     def write_shard(self, shard: str, rows: dict[str, list[dict]]) -> None:
-        """Write one shard's rows (tables without rows get no file), then its done marker."""
+        """Write one shard's rows (tables without rows get no file, except `ALWAYS_WRITTEN`),
+        then its done marker."""
         for table in self.tables:
             target = self.root / table / f"{shard}.parquet"
-            if not rows.get(table):
+            if not rows.get(table) and table not in ALWAYS_WRITTEN:
                 target.unlink(missing_ok=True)  # a killed earlier attempt's leftovers
                 continue
             target.parent.mkdir(exist_ok=True)
             tmp = target.parent / f".{shard}.parquet.tmp"
             pq.write_table(
-                pa.Table.from_pylist(rows[table], schema=SCHEMAS[table]), tmp, row_group_size=64
+                pa.Table.from_pylist(rows.get(table, []), schema=SCHEMAS[table]),
+                tmp,
+                row_group_size=64,
             )
             os.replace(tmp, target)
         (self.done_dir / shard).write_text(str(time.time()))
@@ -209,6 +218,15 @@ class ShardedTables:
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
+    """Write `manifest.json` atomically. A scan's manifest (one whose config names a
+    `reference` store) also records the store relative to the scan directory,
+    `reference_from_scan`, so a scan moved together with its store still finds it."""
+    reference = manifest.get("config", {}).get("reference")
+    if reference:
+        manifest = {
+            **manifest,
+            "reference_from_scan": os.path.relpath(Path(reference).resolve(), Path(root).resolve()),
+        }
     tmp = root / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, default=str))
     os.replace(tmp, root / "manifest.json")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install fbmem-scanner with its test tools (idempotent; about 3 minutes the first time).
+# Create .venv and install fbmem-scanner with its test tools (idempotent; about 5 minutes the first time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -47,3 +47,33 @@ def tiny_sd_dir(tmp_path_factory):
 def _seed() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+def write_bomb_png(path, width: int, height: int, truncate: bool = False):
+    """A valid all-black 1-bit PNG of width x height: a decompression bomb (20000 x 20000 is
+    48 KB on disk, 400 M pixels). `truncate` cuts its pixel data short, so only the header is
+    sound: a reader that refuses the file from its header alone never notices the cut."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the row's bits
+    packer = zlib.compressobj(9)
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    if truncate:
+        pixels = pixels[: len(pixels) // 2]
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, grayscale
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def bomb(tmp_path_factory):
+    """The decompression bomb of issue 13: 20000 x 20000 px, over PIL's own hard limit."""
+    return write_bomb_png(tmp_path_factory.mktemp("bomb") / "bomb.png", 20000, 20000)

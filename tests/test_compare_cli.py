@@ -68,7 +68,7 @@ def test_pairs_csv_reports_bad_rows_and_keeps_going(files, capsys):
         "gen.png,ref.png,,\n"
     )
     code, rows = run(capsys, "--pairs", str(files / "pairs.csv"))
-    assert code == 1
+    assert code == 3  # finished, with error records
     assert [r.get("label") for r in rows] == ["VM", "NM", None, None, None, None, "VM"]
     errors = [r.get("error", "") for r in rows]
     assert "empty" in errors[2] and ("truncated" in errors[3] or "corrupt" in errors[3])
@@ -80,3 +80,35 @@ def test_usage_errors_exit_2(files, capsys):
     (files / "bad.csv").write_text("a,b\n1,2\n")
     assert main(["compare", "--pairs", str(files / "bad.csv")]) == 2
     assert "needs columns 'gen' and 'ref'" in capsys.readouterr().err
+
+
+def test_a_decompression_bomb_is_an_error_record_and_the_rest_still_runs(files, bomb, capsys):
+    (files / "pairs.csv").write_text(f"gen,ref\n{bomb},ref.png\ngen.png,ref.png\n")
+    code, rows = run(capsys, "--pairs", str(files / "pairs.csv"), "--segmenter", "classical")
+    assert code == 3
+    assert "400,000,000 pixels, over the limit of 50,000,000" in rows[0]["error"]
+    assert "--max-pixels" in rows[0]["error"] and rows[1]["label"] == "VM"
+
+
+def test_a_directory_given_as_an_image_says_so(files, capsys):
+    code, rows = run(capsys, str(files), str(files / "ref.png"), "--segmenter", "classical")
+    assert code == 3 and rows[0]["error"] == f"{files}: is a directory, not an image file"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "the pairs CSV is empty"), ("gen,ref\n", "has a header but no rows")],
+)
+def test_an_empty_pairs_csv_is_a_usage_error(files, capsys, text, message):
+    (files / "pairs.csv").write_text(text)
+    assert main(["compare", "--pairs", str(files / "pairs.csv")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err
+
+
+def test_pixel_limit_option(files, capsys):
+    # ref.png is 192 x 192 = 36,864 pixels
+    code, rows = run(
+        capsys, str(files / "gen.png"), str(files / "ref.png"), "--max-pixels", "30000"
+    )
+    assert code == 3 and "over the limit of 30,000 pixels" in rows[0]["error"]

@@ -175,3 +175,25 @@ def test_auto_dtype_is_fp16_on_cuda_and_fp32_elsewhere():
 def test_size_must_fit_the_vae(tiny_model):
     with pytest.raises(ValueError, match="multiple of the VAE's factor 8, got 60"):
         make(tiny_model, size=60)
+
+
+def test_clip_truncation_is_said_once_per_process(generator, monkeypatch):
+    # diffusers logs the 77-token truncation on every pipeline call: every batch of a scan.
+    import logging
+
+    from scanner import generate
+
+    monkeypatch.setattr(generate._TRUNCATION_ONCE, "seen", False)
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger(type(generator.pipeline).__module__)
+    logger.addHandler(handler)
+    try:
+        long_prompt = "a very long prompt " * 10  # 190 bytes: over the 77-token context
+        generator([long_prompt, PROMPTS[1]], [0, 1], [0, 0])
+        generator([PROMPTS[2], long_prompt + "again"], [2, 3], [0, 0])
+    finally:
+        logger.removeHandler(handler)
+    truncations = [m for m in said if "truncated because CLIP" in m]
+    assert len(truncations) == 1 and "said once per process" in truncations[0]

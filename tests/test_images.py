@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scanner.images import ImageError, decode_mask_png, encode_png, load_image, load_mask, read_rgb
+from scanner.images import (
+    ImageError,
+    check_max_pixels,
+    decode_mask_png,
+    encode_png,
+    image_hw,
+    load_image,
+    load_mask,
+    read_rgb,
+)
+from tests.conftest import write_bomb_png
 
 
 def save(tmp_path, name, img: Image.Image, **kw):
@@ -133,3 +143,52 @@ def test_png_roundtrip_of_images_and_masks(rgb_array):
     mask = np.zeros((200, 200), dtype=bool)
     mask[3:50, 7:9] = True
     assert np.array_equal(decode_mask_png(encode_png(mask)), mask)
+
+
+# ---- decompression bombs and other files that must not be decoded ----------------------------
+
+
+def test_decompression_bomb_is_an_image_error_naming_the_limit(bomb):
+    # 400 M pixels: PIL itself refuses it while opening; the scanner says why and what to do.
+    with pytest.raises(
+        ImageError, match=r"400,000,000 pixels, over the limit of 50,000,000.*--max-pixels"
+    ):
+        load_image(bomb)
+
+
+def test_images_over_the_limit_are_refused_from_their_header(tmp_path):
+    # 144 M pixels lies between PIL's warning (89 M) and its refusal (179 M): PIL would decode it
+    # (about 3 GB here). The pixel data is cut short, so any attempt to decode it would report
+    # a truncated file instead: the limit must act on the header alone.
+    path = write_bomb_png(tmp_path / "big.png", 12000, 12000, truncate=True)
+    with pytest.raises(ImageError, match=r"12000x12000 px \(144,000,000 pixels\), over the limit"):
+        load_image(path)
+    with pytest.raises(ImageError, match="over the limit"):
+        image_hw(path)
+    with pytest.raises(ImageError, match="over the limit"):
+        load_mask(path)
+
+
+def test_pixel_limit_is_configurable(tmp_path, rgb_array):
+    path = save(tmp_path, "x.png", Image.fromarray(rgb_array))  # 240 x 200 = 48,000 pixels
+    assert load_image(path, size=200, max_pixels=48_000).shape == (3, 200, 200)
+    with pytest.raises(ImageError, match="240x200 px.*over the limit of 47,999 pixels"):
+        load_image(path, size=200, max_pixels=47_999)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (100, r"max_pixels must be an integer >= 25,921"),
+        (10**9, "above PIL's own"),
+        (1.5e6, "integer"),
+    ],
+)
+def test_bad_pixel_limits_are_refused(value, message):
+    with pytest.raises(ValueError, match=message):
+        check_max_pixels(value)
+
+
+def test_a_directory_is_not_an_image(tmp_path):
+    with pytest.raises(ImageError, match="is a directory, not an image file"):
+        load_image(tmp_path)

@@ -93,6 +93,6 @@ def test_published_rows_say_what_each_prompt_gets(job, prompts):
 def test_a_model_without_sd_v1_4_layers_is_refused_before_any_work(job, tiny_sd_dir, tmp_path):
     out = tmp_path / "out"
     argv = ["--model", str(tiny_sd_dir), "--reference-images", str(tmp_path), "--out", str(out)]
-    with pytest.raises(SystemExit, match=r"SD v1.4's 7 value layers.*has 4 of sizes"):
+    with pytest.raises(ValueError, match=r"SD v1.4's 7 value layers.*has 4 of sizes"):
         job.main([*argv, "--methods", "none", "nemo-c:published"])
     assert not out.exists()

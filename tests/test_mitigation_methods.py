@@ -110,9 +110,11 @@ def test_bad_options_are_refused_before_anything_runs(job, values, message):
 
 
 def test_cli_errors_are_usage_errors(job, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        job.parse_args(["--demo", "tiny-sd", "--methods", "none", "prune"])
-    assert exit_info.value.code == 2 and "unknown method 'prune'" in capsys.readouterr().err
+    from scanner import exits
+
+    argv = ["--demo", "tiny-sd", "--methods", "none", "prune"]
+    assert exits.run("mitigate.py", job.main, argv) == exits.USAGE
+    assert "mitigate.py: error: unknown method 'prune'" in capsys.readouterr().err
 
 
 def test_baseline_items_carry_no_neurons_and_the_same_seeds(job):

@@ -153,7 +153,7 @@ def test_job_submit_runs_the_demo_on_a_token_protected_head(ray_head, tmp_path):
         "python",
         "jobs/full_scan.py",
         "--demo",
-        "replay",
+        "replication",
         "--config",
         str(config),
         "--out",

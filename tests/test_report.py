@@ -231,6 +231,10 @@ def test_report_files_and_summary(scan):
     assert "<limited print>" not in html  # prompt text is data, never markup
     assert "&lt;limited print&gt;" in html
     assert "http://" not in html and "https://" not in html  # nothing fetched from a network
+    # The baseline method "none" is the model as is: shown so nobody reads "no memorization".
+    assert "<td>none (no mitigation)</td>" in html and "<td>none</td>" not in html
+    assert '<option value="none">none (no mitigation)</option>' in html
+    assert gallery_data(page)["method_names"]["none"] == "none (no mitigation)"
 
 
 def test_gallery_most_severe_first_with_matched_reference(scan):
@@ -535,3 +539,38 @@ def test_report_in_headless_chromium(scan, browser, tmp_path):
         print(f"report screenshot: {docs}")
     with Image.open(shot) as im:
         assert im.size[0] >= 1000
+
+
+@pytest.mark.parametrize("count_nm", [False, True])
+def test_one_to_many_legend_covers_no_bar(count_nm):
+    # Every prompt copies N distinct training images: the tallest bars stand at the right,
+    # where a legend inside the panel (upper right) used to sit on top of them.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from scanner.analysis import one_to_many
+    from scanner.report.plots import one_to_many_figure
+
+    n = 5
+    labels = pd.DataFrame(
+        [
+            {"prompt_id": p, "gen_idx": g, "method": m, "label": ("VM", "FM", "BM", "NM")[g % 4]}
+            | {"ref_id": f"r{g}", "m_full": 0.9, "m_fg": 0.9, "m_bg": 0.9}
+            for m in ("none", "nemo_c")
+            for p in range(6)
+            for g in range(n)
+        ]
+    )
+    fig = one_to_many_figure(one_to_many(labels, n, count_nm=count_nm))
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.canvas.draw()
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+    assert len(legends) == 1
+    box = legends[0].get_window_extent(renderer)
+    artists = [
+        a
+        for ax in fig.axes
+        for a in [*ax.patches, *ax.texts]
+        if a.get_window_extent(renderer).height > 0
+    ]
+    assert len(artists) >= 2 * (3 + count_nm)  # the stacked bars of category N, both panels
+    assert not [a for a in artists if box.overlaps(a.get_window_extent(renderer))]

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
 
+from scanner.cli import main
 from scanner.reference import ReferenceConfig, ReferenceStore, build_reference
 from scanner.replication import build_replication_set
 from scanner.scan import ScanConfig, scan_images
@@ -187,9 +194,129 @@ def test_schema_is_the_public_interface(scans):
         "prompt_id",
         "gen_idx",
         "method",
+        "source",
         "label",
         "ref_id",
         "m_full",
         "m_fg",
         "m_bg",
     ]
+
+
+def test_errors_table_exists_when_nothing_failed(scans, store):
+    for root in (scans[4], store):
+        errors = pd.read_parquet(root / "errors")  # as the README reads it
+        assert errors.empty and list(errors.columns) == [
+            "stage",
+            "item_id",
+            "error_type",
+            "message",
+        ]
+
+
+def test_labels_name_the_file_each_generation_was_read_from(scans, replication):
+    root, manifest = replication
+    labels = _table(scans[4], "labels").set_index("gen_id")["source"]
+    generations = _table(scans[4], "generations").set_index("gen_id")["source"]
+    assert labels.equals(generations.loc[labels.index])
+    assert labels["0:0"] == str((root / manifest["gen"][0]).resolve())
+
+
+# ---- the commands, as a user runs them -----------------------------------------------------
+
+
+def _tree(replication, store, bomb, work):
+    """work/refstore (a copy of the store) and work/gens: two generations and a bomb."""
+    root, manifest = replication
+    shutil.copytree(store, work / "refstore")
+    (work / "gens").mkdir()
+    for name in manifest["gen"][:2]:  # r01's verbatim and foreground copies
+        shutil.copy(root / name, work / "gens")
+    shutil.copy(bomb, work / "gens" / "zz_bomb.png")
+
+
+def test_scan_images_command_from_folder_to_report(
+    replication, store, bomb, tmp_path, monkeypatch, capsys
+):
+    work = tmp_path / "work"
+    work.mkdir()
+    _tree(replication, store, bomb, work)
+    monkeypatch.chdir(work)  # relative paths, as typed
+    argv = ["scan-images", "gens", "--reference", "refstore", "--out", "scan", "--top-k", "0"]
+    assert main([*argv, "--segmenter", "classical"]) == 3  # finished, one error row
+    out = capsys.readouterr().out
+    assert "scan scan: 2 images scanned from files, 1 error (reasons in scan/errors)" in out
+    assert "none (no mitigation): VM 1 (50.0%)" in out and "{" not in out
+    assert "report: scan/report/index.html" in out
+
+    scan = work / "scan"
+    errors = pd.read_parquet(scan / "errors")
+    assert errors["message"].str.contains("400,000,000 pixels, over the limit").tolist() == [True]
+    labels = pd.read_parquet(scan / "labels")
+    assert [Path(s).name for s in labels["source"]] == ["r01-foreground.png", "r01-verbatim.png"]
+    manifest = json.loads((scan / "manifest.json").read_text())
+    assert manifest["config"]["reference"] == str(work / "refstore")
+    assert manifest["reference_from_scan"] == os.path.join("..", "refstore")
+
+    # Its report: images, not prompts; no one-to-many for files that have no prompts.
+    html = (scan / "report" / "index.html").read_text()
+    assert "images scanned from files" in html and '<div class="k">prompts</div>' not in html
+    assert 'id="one-to-many"' not in html and not (scan / "report" / "one_to_many.png").exists()
+    summary = json.loads((scan / "report" / "summary.json").read_text())
+    assert summary["one_to_many"] is None
+
+
+def test_scan_readers_find_the_store_from_anywhere(
+    replication, store, bomb, tmp_path, monkeypatch, capsys
+):
+    work = tmp_path / "work"
+    work.mkdir()
+    _tree(replication, store, bomb, work)
+    (work / "gens" / "zz_bomb.png").unlink()
+    monkeypatch.chdir(work)
+    argv = ["scan-images", "gens", "--reference", "refstore", "--out", "scan", "--top-k", "2"]
+    assert main([*argv, "--segmenter", "classical"]) == 0
+    (tmp_path / "labels.csv").write_text("gen_id,label\n0:0,TM\n1:0,VM\n")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    scan = work / "scan"
+    assert main(["report", str(scan)]) == 0
+    assert main(["explain", str(scan), "1:0", "r01", "--out", "pair.png"]) == 0
+    assert main(["calibrate", str(tmp_path / "labels.csv"), "--scan", str(scan)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"wrote pair.png: generation 1:0 vs training image r01: VM \(M_full 0\.9", out)
+    assert (elsewhere / "pair.png").is_file()
+
+    # Scan and store moved together: the store is found relative to the scan.
+    moved = tmp_path / "moved"
+    shutil.move(work, moved)
+    assert main(["report", str(moved / "scan")]) == 0
+    # The store gone: every reader says how to point at it.
+    shutil.move(moved / "refstore", tmp_path / "store-now")
+    for argv in (
+        ["report", str(moved / "scan")],
+        ["explain", str(moved / "scan"), "1:0", "r01", "--out", "pair.png"],
+        ["calibrate", str(tmp_path / "labels.csv"), "--scan", str(moved / "scan")],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "not found" in err and "--reference PATH" in err and "reference=" not in err
+        assert main([*argv, "--reference", str(tmp_path / "store-now")]) == 0
+
+
+def test_build_reference_command_turns_a_bomb_into_an_error_row(
+    replication, bomb, tmp_path, capsys
+):
+    root, _ = replication
+    src = tmp_path / "train"
+    src.mkdir()
+    shutil.copy(root / "references" / "r01.png", src)
+    shutil.copy(bomb, src / "r99.png")
+    argv = ["build-reference", str(src), "--out", str(tmp_path / "store"), "--size", str(SIZE)]
+    assert main([*argv, "--segmenter", "classical"]) == 3
+    assert "1 references, 1 error (reasons in" in capsys.readouterr().out
+    errors = pd.read_parquet(tmp_path / "store" / "errors")
+    assert errors["item_id"].tolist() == ["r99.png"]
+    assert "over the limit of 50,000,000 pixels" in errors["message"][0]

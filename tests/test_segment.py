@@ -456,12 +456,17 @@ def test_demo_labels_with_every_segmenter_that_runs_here(monkeypatch, u2netp):
 def test_full_scan_config_names_the_resolved_segmenter(u2netp, monkeypatch):
     from scanner.plan import load_config
 
-    assert load_config(None, {"demo": "replay"}).segmenter == "u2netp"
-    assert load_config(None, {"demo": "replay", "segmenter": "classical"}).segmenter == "classical"
+    assert load_config(None, {"demo": "replication"}).segmenter == "u2netp"
+    assert (
+        load_config(None, {"demo": "replication", "segmenter": "classical"}).segmenter
+        == "classical"
+    )
     _no_wheel(monkeypatch)
-    assert load_config(None, {"demo": "replay"}).segmenter == "classical"  # what the manifest says
+    assert (
+        load_config(None, {"demo": "replication"}).segmenter == "classical"
+    )  # what the manifest says
     with pytest.raises(ValueError, match="one of"):
-        load_config(None, {"demo": "replay", "segmenter": "grabcut"})  # before anything runs
+        load_config(None, {"demo": "replication", "segmenter": "grabcut"})  # before anything runs
 
 
 def test_cli_asked_for_missing_u2netp_says_what_to_install(monkeypatch, tmp_path, capsys):

@@ -38,18 +38,28 @@ Log = Callable[[str], None]
 class TrainConfig:
     design: DesignConfig = field(default_factory=DesignConfig)
     arch: ArchitectureConfig = field(default_factory=ArchitectureConfig)
-    vae_steps: int = 2000
+    vae_steps: int = 1200
     vae_batch: int = 16
     vae_crop: int = 64  # the VAE is convolutional: crops train it 4x cheaper than whole images
     vae_lr: float = 3e-3
     vae_ssim_weight: float = 0.5  # SSIM in the loss: the scan judges reconstructions by MS-SSIM
-    unet_steps: int = 6000
+    unet_steps: int = 2200
     unet_batch: int = 16
     unet_lr: float = 1e-3
     empty_caption_rate: float = 0.1
     check_size: int = 256  # the scan's canonical size: reconstructions are judged there
     seed: int = 0
     threads: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("vae_steps", "vae_batch", "vae_crop", "unet_steps", "unet_batch", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.check_size < 161:  # 5-scale MS-SSIM with 11-tap windows (scanner.similarity)
+            raise ValueError(f"check_size must be >= 161 px, got {self.check_size}")
+        if self.vae_crop > self.arch.size:
+            raise ValueError(f"vae_crop {self.vae_crop} exceeds the image size {self.arch.size}")
 
 
 def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -199,8 +209,11 @@ def training_entries(design: Design) -> tuple[list[int], list[str]]:
     return rows, captions
 
 
-def train_organism(out: str | Path, config: TrainConfig = TrainConfig(), log: Log = print) -> dict:
-    """Train the organism from scratch into `out` (a diffusers pipeline folder + recipe.json)."""
+def train_organism(
+    out: str | Path, config: TrainConfig = TrainConfig(), log: Log = print, command: str = ""
+) -> dict:
+    """Train the organism from scratch into `out` (a diffusers pipeline folder + recipe.json,
+    which records `command`, the command line that made it)."""
     out = Path(out)
     torch.set_num_threads(config.threads)
     started = time.time()
@@ -237,9 +250,12 @@ def train_organism(out: str | Path, config: TrainConfig = TrainConfig(), log: Lo
     )
     unet_seconds = time.perf_counter() - t0
 
-    components.pipeline().save_pretrained(out)
+    # Half precision on disk keeps the weights under the repository's 20 MB; the scanner loads
+    # them back in its own dtype (float32 on CPU), so nothing downstream sees float16.
+    components.pipeline().to(dtype=torch.float16).save_pretrained(out)
     caption_table(design).to_csv(out / "captions.csv", index=False)
     recipe = {
+        "command": command,
         "config": asdict(config),
         "model": components.describe(),
         "seconds": {
@@ -248,6 +264,7 @@ def train_organism(out: str | Path, config: TrainConfig = TrainConfig(), log: Lo
             "total": round(time.time() - started, 1),
         },
         "threads": config.threads,
+        "images": len(design.images),
         "vae_scaling_factor": scale,
         "reconstruction_ms_ssim": {
             image.image_id: round(float(s), 4) for image, s in zip(design.images, scores)

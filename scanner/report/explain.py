@@ -188,8 +188,9 @@ def explain_scan_pair(
     """`explain_pair` for a generation and a training image of a scan, by their ids, with the
     scan's own tau, beta and metric; `reference` overrides the store named in the manifest."""
     scan_dir = Path(scan_dir)
-    config = read_manifest(scan_dir).get("config", {})
-    refs = reference_dir({"config": config}, reference)
+    manifest = read_manifest(scan_dir)
+    config = manifest.get("config", {})
+    refs = reference_dir(manifest, reference, scan_dir)
     size = json.loads((refs / "manifest.json").read_text())["config"]["size"]
     gen, gen_fg = _stored_pair(scan_dir, "generations", "gen_id", gen_id, size)
     ref, ref_fg = _stored_pair(refs, "references", "ref_id", ref_id, size)

@@ -24,6 +24,7 @@ from scanner.report.page_assets import CSS, JS
 from scanner.report.plots import (
     LABEL_COLORS,
     LABEL_NAMES,
+    method_name,
     quality_drop,
     read_mitigation,
     write_plots,
@@ -64,7 +65,7 @@ def build_report(
     # 1. Aggregates and summary.json
     aggregates = aggregate(scan_dir, count_nm=count_nm)
     write_summary(aggregates)
-    refs = reference_dir(aggregates.manifest, reference)
+    refs = reference_dir(aggregates.manifest, reference, scan_dir)
     # 2. Figures
     plots = write_plots(aggregates, report_dir)
     # 3. Gallery cards and thumbnails
@@ -170,7 +171,7 @@ class Page:
         labelled = "distribution" in self.plots
         sections = [
             self.distribution_section() if labelled else self.nothing_labelled(),
-            self.one_to_many_section() if labelled else "",
+            self.one_to_many_section() if "one_to_many" in self.plots else "",
             self.designed_section(),
             self.clusters_section(),
             self.mitigation_section(),
@@ -212,7 +213,7 @@ are in <code>report/summary.json</code>.</footer>
         ]
         links = [
             ("distribution", "Distribution"),
-            ("one-to-many", "One-to-many"),
+            ("one-to-many", "One-to-many") if "one_to_many" in self.plots else None,
             ("designed", "Designed vs found") if self.aggregates.designed is not None else None,
             ("clusters", "Clusters") if self.aggregates.clusters is not None else None,
             ("mitigation", "Mitigation") if "mitigation" in self.plots else None,
@@ -230,15 +231,19 @@ are in <code>report/summary.json</code>.</footer>
         agg = self.aggregates
         dist = agg.distribution
         base = dist.index[0] if len(dist) else None
-        tiles = [
-            ("generations", _num(agg.rows.get("generations", 0))),
-            ("prompts", _num(agg.rows.get("prompts", 0))),
-            ("per prompt (N)", _num(agg.n)),
-        ]
+        if agg.from_files:  # a file is not a prompt: count images, not prompts
+            tiles = [("images scanned from files", _num(agg.rows.get("generations", 0)))]
+        else:
+            tiles = [
+                ("generations", _num(agg.rows.get("generations", 0))),
+                ("prompts", _num(agg.rows.get("prompts", 0))),
+                ("per prompt (N)", _num(agg.n)),
+            ]
         if base is not None:
             memorized = dist.loc[base, list(MEMORIZED)].sum() / max(dist.loc[base, "total"], 1)
-            tiles.append((f"memorized ({base})", f"{memorized:.1%}"))
-            tiles += [(f"{lab} ({base})", _num(dist.loc[base, lab])) for lab in MEMORIZED]
+            name = method_name(base)
+            tiles.append((f"memorized ({name})", f"{memorized:.1%}"))
+            tiles += [(f"{lab} ({name})", _num(dist.loc[base, lab])) for lab in MEMORIZED]
         tiles.append(("errors", _num(agg.rows.get("errors", 0))))
         body = "".join(
             f'<div class="kpi"><div class="v">{v}</div><div class="k">{escape(k)}</div></div>'
@@ -253,7 +258,7 @@ are in <code>report/summary.json</code>.</footer>
     def distribution_section(self) -> str:
         dist = self.aggregates.distribution
         rows = [
-            [r.Index, _num(r.total)]
+            [method_name(r.Index), _num(r.total)]
             + [_count_share(getattr(r, lab), getattr(r, f"share_{lab}")) for lab in LABELS]
             for r in dist.itertuples()
         ]
@@ -285,7 +290,11 @@ regions agree (M_fg ≥ τ), else background (M_bg ≥ τ), else not memorized.<
         table = self.aggregates.one_to_many
         counted = [label for label in LABELS if label in table.columns]  # NM when counted
         rows = [
-            [r["method"], r["distinct_refs"], *(_num(r[c]) for c in ["prompts", *counted])]
+            [
+                method_name(r["method"]),
+                r["distinct_refs"],
+                *(_num(r[c]) for c in ["prompts", *counted]),
+            ]
             + [_num(r["generations"])]
             for r in table.to_dict("records")
         ]
@@ -329,7 +338,7 @@ regions agree (M_fg ≥ τ), else background (M_bg ≥ τ), else not memorized.<
             near = close.get((r.method, r.group))
             rows.append(
                 [
-                    r.method,
+                    method_name(r.method),
                     r.group,
                     r.designed,
                     _num(r.total),
@@ -369,7 +378,7 @@ MS-SSIM over its scored training images: how close it comes to copying one.</p>
         example = prompts.dropna(subset=["cluster_id"]).groupby("cluster_id")["prompt"].first()
         rows = [
             [
-                r.method,
+                method_name(r.method),
                 r.cluster_id,
                 _num(r.prompts),
                 _num(r.VM),
@@ -399,7 +408,7 @@ NeMo-C mitigates a whole cluster at once.</p>
         base = float(mitigation["baseline_quality"])
         rows = [
             [
-                r["method"],
+                method_name(r["method"]),
                 f"{r['mitigation_score']:.3f}",
                 f"{r['quality']:.3f}",
                 r["quality_metric"],
@@ -426,7 +435,9 @@ means worse images.</p>
             for lab in MEMORIZED
         )
         methods = sorted({c["method"] for c in g.cards}, key=lambda m: (m != "none", m))
-        method_opts = "".join(f'<option value="{escape(m)}">{escape(m)}</option>' for m in methods)
+        method_opts = "".join(
+            f'<option value="{escape(m)}">{escape(method_name(m))}</option>' for m in methods
+        )
         clusters = sorted({c["cluster"] for c in g.cards if c["cluster"] is not None})
         cluster_filter = (
             '<label>cluster <select id="f-cluster"><option value="">all</option>'
@@ -467,6 +478,7 @@ scores (bold: the one that decided the label; tick: τ), Algorithm 1's branch an
             "tau": float(self.run_config.get("tau", DEFAULT_TAU)),
             "colors": LABEL_COLORS,
             "tints": {k: _rgb(v) for k, v in MASK_TINT.items()},
+            "method_names": {c["method"]: method_name(c["method"]) for c in self.gallery.cards},
         }
         text = json.dumps(payload, separators=(",", ":"))
         # No "<", ">" or "&" inside the script element: data can never end or escape it.
@@ -493,7 +505,15 @@ scores (bold: the one that decided the label; tick: τ), Algorithm 1's branch an
             for r in top.itertuples()
         ]
         table = _table(
-            ["training image", "caption", "memorized generations", "prompts", "VM", "FM", "BM"],
+            [
+                "training image",
+                "caption",
+                "memorized generations",
+                "images" if self.aggregates.from_files else "prompts",
+                "VM",
+                "FM",
+                "BM",
+            ],
             rows,
             {2, 3, 4, 5, 6},
         )

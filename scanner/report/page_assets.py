@@ -151,7 +151,7 @@ JS = """
     node.dataset.cluster = c.cluster === null ? "" : String(c.cluster);
     node.style.setProperty("--deciding", data.colors[c.label]);
     const head = el("div", "card-head");
-    head.append(el("span", "badge " + c.label, c.label), el("span", "chip", c.method));
+    head.append(el("span", "badge " + c.label, c.label), el("span", "chip", data.method_names[c.method] || c.method));
     if (c.cluster !== null) head.append(el("span", "chip", "cluster " + c.cluster));
     head.append(el("span", "where", (c.branch || "n/a") + " \\u00b7 fg " + Math.round(c.fg_fraction * 100) + "%"));
     const pair = el("div", "pair");

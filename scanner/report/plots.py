@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from scanner.analysis import ScanAggregates, method_order
+from scanner.analysis import BASELINE_METHOD, ScanAggregates, method_order
 from scanner.fbmem import LABELS
 
 # One colour per label, shared with the HTML page: severity reads from red to grey.
@@ -24,9 +24,16 @@ LABEL_NAMES = {
     "BM": "background (BM)",
     "NM": "not memorized (NM)",
 }
+# "none" is the model as it is: said in full, so nobody reads it as "no memorization".
+BASELINE_NAME = "none (no mitigation)"
 # Direction of the no-reference quality metrics DESIGN 4.8 uses (pyiqa's `lower_better`).
 QUALITY_LOWER_IS_BETTER = {"piqe": True, "dbcnn": False, "qalign": False}
 DPI = 150
+
+
+def method_name(method: str) -> str:
+    """How a method is shown to readers (tables keep the name itself)."""
+    return BASELINE_NAME if method == BASELINE_METHOD else method
 
 
 def _style(ax) -> None:
@@ -70,7 +77,8 @@ def plot_distribution(dist: pd.DataFrame, out: str | Path) -> Path:
     ax = fig.subplots()
     x = np.arange(len(methods))
     _stacked(ax, x, {lab: dist[f"share_{lab}"].to_numpy() for lab in LABELS}, LABELS, 0.04)
-    ax.set_xticks(x, [f"{m}\n(n={t:,})" for m, t in zip(methods, dist["total"])], fontsize=8)
+    ticks = [f"{method_name(m)}\n(n={t:,})" for m, t in zip(methods, dist["total"])]
+    ax.set_xticks(x, ticks, fontsize=8)
     ax.set_ylim(0, 1)
     ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
     ax.set_ylabel("share of generations")
@@ -80,9 +88,10 @@ def plot_distribution(dist: pd.DataFrame, out: str | Path) -> Path:
     return _save(fig, out)
 
 
-def plot_one_to_many(table: pd.DataFrame, out: str | Path) -> Path:
+def one_to_many_figure(table: pd.DataFrame) -> Figure:
     """Memorized generations by the number of distinct training images their prompt matched,
-    stacked by label, one panel per method (the paper's Figure 3); NM too when counted."""
+    stacked by label, one panel per method (the paper's Figure 3); NM too when counted. The
+    legend sits outside the panels, where it can never cover a bar."""
     methods = method_order(table["method"])
     counted = [label for label in LABELS if label in table.columns]
     fig = Figure(figsize=(3.2 * len(methods) + 0.6, 3.2), layout="constrained")
@@ -103,14 +112,19 @@ def plot_one_to_many(table: pd.DataFrame, out: str | Path) -> Path:
                     color="#4b5563",
                 )
         ax.set_xticks(x)
-        ax.set_title(f"method: {method}", fontsize=9)
+        ax.set_title(f"method: {method_name(method)}", fontsize=9)
         ax.margins(y=0.12)
         _style(ax)
     axes[0].set_ylabel("generations" if "NM" in counted else "memorized generations")
-    axes[-1].legend(fontsize=7, frameon=False, loc="upper right")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=7, frameon=False, loc="outside right upper")
     fig.supxlabel("distinct training images matched per prompt (p = prompts)", fontsize=9)
     fig.suptitle("One prompt, many training images", fontsize=10)
-    return _save(fig, out)
+    return fig
+
+
+def plot_one_to_many(table: pd.DataFrame, out: str | Path) -> Path:
+    return _save(one_to_many_figure(table), out)
 
 
 def plot_clusters(clusters: pd.DataFrame, out: str | Path) -> Path:
@@ -126,7 +140,7 @@ def plot_clusters(clusters: pd.DataFrame, out: str | Path) -> Path:
         _stacked(ax, x, shares, LABELS)
         ax.set_ylim(0, 1)
         ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
-        ax.set_title(f"method: {method}", fontsize=9)
+        ax.set_title(f"method: {method_name(method)}", fontsize=9)
         ax.set_xticks(x)
         _style(ax)
     axes[-1].set_xlabel("prompt cluster")
@@ -167,7 +181,7 @@ def plot_mitigation(mitigation: dict, out: str | Path) -> Path:
         drop = quality_drop(float(r["quality"]), base, r["quality_metric"])
         ax.scatter(drop, r["mitigation_score"], s=46, color="#1f3a5f", zorder=3)
         ax.annotate(
-            r["method"],
+            method_name(r["method"]),
             (drop, r["mitigation_score"]),
             xytext=(5, 4),
             textcoords="offset points",
@@ -199,6 +213,7 @@ def write_plots(aggregates: ScanAggregates, report_dir: str | Path) -> dict[str,
         plots["distribution"] = plot_distribution(
             aggregates.distribution, report_dir / "distribution.png"
         )
+    if len(aggregates.distribution) and aggregates.one_to_many is not None:
         plots["one_to_many"] = plot_one_to_many(
             aggregates.one_to_many, report_dir / "one_to_many.png"
         )

@@ -18,18 +18,28 @@ import pyarrow.parquet as pq
 from scanner.store import ShardedTables
 
 
-def reference_dir(manifest: dict, override: str | Path | None) -> Path:
-    """The reference store holding the matched training images."""
-    path = override if override is not None else manifest.get("config", {}).get("reference")
-    if path is None:
-        raise ValueError("the scan's manifest names no reference store; pass reference=PATH")
-    path = Path(path)
-    if not (path / "manifest.json").exists():
-        raise ValueError(
-            f"reference store {path} not found (no manifest.json); the gallery needs the "
-            "training images: pass reference=PATH to where the store is now"
-        )
-    return path
+def reference_dir(manifest: dict, override: str | Path | None, scan_dir: str | Path) -> Path:
+    """The reference store holding a scan's training images: `override` (the `--reference`
+    option) when given, else the manifest's path, else its path relative to the scan directory
+    (`reference_from_scan`: the two were moved together)."""
+    if override is not None:
+        candidates = [Path(override)]
+    else:
+        recorded = manifest.get("config", {}).get("reference")
+        if not recorded:
+            raise ValueError(
+                "the scan's manifest names no reference store; give it with --reference PATH"
+            )
+        candidates = [Path(recorded)]
+        if manifest.get("reference_from_scan"):
+            candidates.append(Path(scan_dir) / manifest["reference_from_scan"])
+    for path in candidates:
+        if (path / "manifest.json").exists():
+            return path
+    raise ValueError(
+        f"reference store {candidates[0]} not found (no manifest.json); the scan's training "
+        "images are read from it: give its current folder with --reference PATH"
+    )
 
 
 def read_rows(
