@@ -73,14 +73,22 @@ def cpu_share(res: StageResources, n_stages: int) -> float:
     return max(0.25, min(2.0, total / (2 * n_stages)))
 
 
-def scan_stages(config: FullScanConfig, reference: str, from_files: bool) -> list[Stage]:
-    """generate (or load) -> segment -> embed -> match, as (name, actor class, kwargs)."""
+def scan_stages(
+    config: FullScanConfig,
+    reference: str,
+    from_files: bool,
+    method_states: dict[str, str] | None = None,
+) -> list[Stage]:
+    """generate (or load) -> segment -> embed -> match, as (name, actor class, kwargs).
+
+    `method_states`: mitigation method -> its prepared state file (see jobs/mitigate.py)."""
     ref_manifest = ReferenceStore.read_manifest(reference)
     size = ref_manifest["config"]["size"]
     if from_files:
         first: Stage = ("load", LoadActor, {"size": size, "max_pixels": config.max_pixels})
     else:
-        first = ("generate", GenerateActor, {"config": generation_config(config), "out_size": size})
+        generate = {"config": generation_config(config), "out_size": size}
+        first = ("generate", GenerateActor, generate | {"method_states": method_states or {}})
     match = {
         "reference": reference,
         "top_k": config.top_k,
@@ -96,6 +104,16 @@ def scan_stages(config: FullScanConfig, reference: str, from_files: bool) -> lis
         ("embed", EmbedActor, {"config": reference_embed_config(ref_manifest, "cpu")}),
         ("match", MatchActor, match),
     ]
+
+
+def run_task(fn: Callable, res: StageResources, **kwargs):
+    """Run `fn(threads=..., **kwargs)` once as a Ray task with a stage's resources, and return
+    its result: one-off work on a GPU, such as a mitigation method's preparation."""
+    import ray
+
+    cpus = cpu_share(res, 1)
+    task = ray.remote(num_gpus=res.gpus, num_cpus=cpus)(fn)
+    return ray.get(task.remote(threads=max(1, int(cpus)), **kwargs))
 
 
 def run_shards(

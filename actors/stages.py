@@ -29,8 +29,9 @@ class LoadActor(stages.LoadImages):
 
 
 class GenerateActor(stages.Generate):
-    def __init__(self, config, out_size: int, threads: int = 1):
-        super().__init__(dataclasses.replace(config, device=_placement(threads)), out_size)
+    def __init__(self, config, out_size: int, method_states=None, threads: int = 1):
+        config = dataclasses.replace(config, device=_placement(threads))
+        super().__init__(config, out_size, method_states)
 
 
 class SegmentActor(stages.Segment):
@@ -51,3 +52,12 @@ class MatchActor(stages.Match):
 class LocalizeActor(Localize):
     def __init__(self, config, threads: int = 1):
         super().__init__(dataclasses.replace(config, device=_placement(threads)))
+
+
+def prepare_method(config, name: str, prompts, prompt_ids, threads: int = 1) -> dict:
+    """A mitigation method's once-per-run state, computed on the device Ray gave this task."""
+    from scanner.generate import Generator
+    from scanner.mitigation.methods import get_method
+
+    generator = Generator(dataclasses.replace(config, device=_placement(threads)))
+    return get_method(name).prepare(generator, prompts, prompt_ids)

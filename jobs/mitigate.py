@@ -3,12 +3,17 @@
 score each method against the unmitigated model (the paper's Table 2) and on image quality.
 
     python jobs/mitigate.py --demo tiny-sd                      # tiny offline model, 4 prompts
-    python jobs/mitigate.py --config scan.yaml --methods none nemo nemo-c nemo-c:alpha=0.1
+    python jobs/mitigate.py --config scan.yaml --methods none nemo nemo-c wanda detectmem
     ray job submit --working-dir . -- python jobs/mitigate.py --config scan.yaml
 
+Methods are names of the registry `scanner.mitigation.methods` (docs/mitigation-methods.md).
+The YAML config holds the scan's keys (as jobs/full_scan.py) and a `mitigation:` section with
+the keys of MitigationOptions (methods, k, statistics, ...); flags override both.
+
 The output directory is one scan directory (its `method` column tells the methods apart)
-plus `localizations/` and `neuron_sets/` tables and `report/mitigation.json`. Like the full
-scan it is resumable: rerun the same command after an interruption.
+plus `localizations/` and `neuron_sets/` tables, each preparing method's state under
+`methods/` and `report/mitigation.json`. Like the full scan it is resumable: rerun the same
+command after an interruption.
 """
 
 from __future__ import annotations
@@ -29,20 +34,23 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from actors.pipeline import run_shards, scan_stages, start_ray
-from actors.stages import LocalizeActor
+from actors.pipeline import run_shards, run_task, scan_stages, start_ray
+from actors.stages import LocalizeActor, prepare_method
 from scanner import exits
 from scanner.clustering import cluster_prompts
 from scanner.demo_inputs import demo_organism, demo_tiny_sd
 from scanner.driver import Progress, error_row, split_shards
+from scanner.generate import latent_shape
 from scanner.mitigation.localize import LocalizeConfig
-from scanner.mitigation.nemo_c import NEURON_DTYPES, method_neurons, parse_method
+from scanner.mitigation.methods import FORMS, get_method
+from scanner.mitigation.nemo_c import NEURON_DTYPES
 from scanner.mitigation.published import STATUSES, check_model, lookup_published
 from scanner.mitigation.quality import QualityConfig, make_quality_metric
+from scanner.mitigation.scaling import ActivationScaling
 from scanner.mitigation.score import mitigation_score
 from scanner.mitigation.signal import SignalConfig
 from scanner.organism import ORGANISM_CONCEPTS, ORGANISM_NEMO
-from scanner.plan import generation_items, load_config, reference_store
+from scanner.plan import generation_config, generation_items, load_config, reference_store
 from scanner.prompts import load_prompts
 from scanner.scan import PROMPTS_SHARD, SCAN_TABLES, scan_rows, write_prompts
 from scanner.store import ShardedTables, config_digest, package_versions, write_manifest
@@ -54,7 +62,7 @@ DEFAULT_METHODS = ("none", "nemo", "nemo-c", "nemo-c:alpha=0.1")
 
 @dataclasses.dataclass(frozen=True)
 class MitigationOptions:
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS  # names of scanner.mitigation.methods
     k: int = 12  # prompt clusters (the paper's)
     statistics: str = "holdout"  # NeMo holdout statistics: computed, or "sd-v1.4" (shipped)
     holdout: str = "unmemorized"  # the non-memorized prompts "holdout" statistics come from
@@ -93,48 +101,80 @@ def parse_args(argv):
     p.add_argument("--reference")
     p.add_argument("--reference-images")
     p.add_argument("--top-k", type=int)
+    defaults = MitigationOptions()
     p.add_argument(
         "--methods",
         nargs="+",
-        default=list(DEFAULT_METHODS),
-        help="e.g. none nemo nemo-c nemo-c:alpha=0.1; nemo-c:published and nemo:published "
-        "use the FB-Mem authors' SD v1.4 sets (no localization)",
+        help=f"default: {' '.join(defaults.methods)}; valid forms: {FORMS}. nemo-c:published and "
+        "nemo:published use the FB-Mem authors' SD v1.4 sets (no localization)",
     )
+    p.add_argument("--k", type=int, help=f"prompt clusters for NeMo-C (default {defaults.k})")
     p.add_argument(
-        "--k", type=int, default=12, help="prompt clusters for NeMo-C (default %(default)s)"
+        "--statistics", choices=("holdout", "sd-v1.4"), help=f"default {defaults.statistics}"
     )
-    p.add_argument("--statistics", choices=("holdout", "sd-v1.4"), default="holdout")
     p.add_argument(
         "--neurons", help="neuron_sets Parquet (prompt_id, layer, channel): skip localization"
     )
     p.add_argument("--latent-side", type=int)
-    p.add_argument("--quality", choices=("piqe", "dbcnn", "qalign"), default="piqe")
-    p.add_argument("--quality-weights")
-    p.add_argument("--quality-sample", type=int, default=500)
-    args = vars(p.parse_args(argv))
-    options = MitigationOptions(
-        methods=tuple(parse_method(m).name for m in args.pop("methods")),
-        **{
-            f: args.pop(f)
-            for f in (
-                "k",
-                "statistics",
-                "neurons",
-                "latent_side",
-                "quality",
-                "quality_weights",
-                "quality_sample",
-            )
-        },
+    p.add_argument(
+        "--quality", choices=("piqe", "dbcnn", "qalign"), help=f"default {defaults.quality}"
     )
-    if "none" not in options.methods:
-        raise ValueError("--methods must include none: every method is scored against it")
+    p.add_argument("--quality-weights")
+    p.add_argument("--quality-sample", type=int, help=f"default {defaults.quality_sample}")
+    args = vars(p.parse_args(argv))
     config_path, overwrite = args.pop("config"), args.pop("overwrite")
-    if config_path is None and args["demo"] is None and args["model"] is None:
+    flags = {f: args.pop(f) for f in _OPTION_FLAGS}
+    scan, section = read_yaml(config_path)  # ValueError: a usage error (scanner.exits)
+    options = mitigation_options(section | {k: v for k, v in flags.items() if v is not None})
+    args = scan | {k: v for k, v in args.items() if v is not None}
+    if config_path is None and args.get("demo") is None and args.get("model") is None:
         args["demo"] = "organism"
-    if args["out"] is None:
-        args["out"] = "scans/mitigate-demo"
-    return config_path, args, overwrite, options
+    args.setdefault("out", "scans/mitigate-demo")
+    return args, overwrite, options
+
+
+_OPTION_FLAGS = (
+    "methods",
+    "k",
+    "statistics",
+    "neurons",
+    "latent_side",
+    "quality",
+    "quality_weights",
+    "quality_sample",
+)
+
+
+def read_yaml(path: str | None) -> tuple[dict, dict]:
+    """A YAML config split into the scan's keys and its `mitigation:` section."""
+    import yaml
+
+    if path is None:
+        return {}, {}
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: a config file must be a YAML mapping")
+    section = loaded.pop("mitigation", None) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: `mitigation:` must be a mapping of MitigationOptions keys")
+    return loaded, section
+
+
+def mitigation_options(values: dict) -> MitigationOptions:
+    """MitigationOptions from YAML and flag values, every method name checked by the registry."""
+    known = [f.name for f in dataclasses.fields(MitigationOptions)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown mitigation keys {unknown}; known: {known}")
+    methods = values.get("methods", MitigationOptions().methods)
+    if isinstance(methods, str) or not methods:
+        raise ValueError(f"methods must be a list of method names, got {methods!r}")
+    names = tuple(get_method(m).name for m in methods)
+    if "none" not in names:
+        raise ValueError("methods must include none: every method is scored against it")
+    if len(set(names)) != len(names):
+        raise ValueError(f"methods repeat: {list(names)}")
+    return MitigationOptions(**(values | {"methods": names}))
 
 
 # 1. Localization --------------------------------------------------------------------------------
@@ -173,7 +213,7 @@ def localize(tables, prompts, config, options) -> pd.DataFrame:
     """Each prompt's refined neuron set (sharded over actors, resumable)."""
     if options.neurons:
         return pd.read_parquet(options.neurons)
-    if not any(parse_method(m).needs_localization for m in options.methods):
+    if not any(get_method(m).needs_localization for m in options.methods):
         return pd.DataFrame(columns=list(NEURON_DTYPES)).astype(NEURON_DTYPES)
     items = prompts.assign(item_id=prompts["prompt_id"].astype(str))[
         ["prompt_id", "prompt", "item_id", "error"]
@@ -214,8 +254,8 @@ def method_items(prompts, clusters, neuron_sets, config, options) -> list[tuple[
     usable = prompts[prompts["error"] == ""]  # rows with an error get no neurons
     shards = []
     for index, method in enumerate(options.methods):
-        neurons, alpha = method_neurons(
-            method, usable["prompt_id"].tolist(), neuron_sets, clusters, usable["prompt"].tolist()
+        neurons, alpha = get_method(method).prompt_neurons(
+            usable["prompt_id"].tolist(), usable["prompt"].tolist(), neuron_sets, clusters
         )
         encoded = {
             pid: json.dumps(sorted([int(layer), int(c)] for layer, c in n)) if n else ""
@@ -234,14 +274,42 @@ def method_items(prompts, clusters, neuron_sets, config, options) -> list[tuple[
 def published_rows(prompts, options) -> list[dict]:
     """The `published_sets` rows: what each prompt gets under each `:published` method."""
     rows = []
-    for method in options.methods:
-        parsed = parse_method(method)
-        if parsed.published:
-            _, table = lookup_published(prompts["prompt"].tolist(), parsed.kind)
-            table.insert(0, "method", method)
+    for method in map(get_method, options.methods):
+        if isinstance(method, ActivationScaling) and method.published:
+            _, table = lookup_published(prompts["prompt"].tolist(), method.parsed.kind)
+            table.insert(0, "method", method.name)
             table.insert(0, "prompt_id", prompts["prompt_id"].to_numpy())
             rows += table.to_dict("records")
     return rows
+
+
+def prepare_methods(out: Path, prompts: pd.DataFrame, config, options) -> dict[str, str]:
+    """Each preparing method's once-per-run state (Wanda's mask), as a Ray task on the generate
+    stage's resources, saved to <out>/methods/<method>.npz: method -> path. A saved state is
+    reused (same directory, same config: same state)."""
+    paths = {}
+    for method in map(get_method, options.methods):
+        if not method.prepares:
+            continue
+        path = out / "methods" / f"{method.name.replace(':', '_')}.npz"
+        if not path.exists():
+            started = time.time()
+            state = run_task(
+                prepare_method,
+                config.resources_for("generate"),
+                config=generation_config(config),
+                name=method.name,
+                prompts=prompts["prompt"].tolist(),
+                prompt_ids=prompts["prompt_id"].tolist(),
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            with open(partial, "wb") as file:
+                np.savez(file, **state)
+            partial.replace(path)  # complete or absent, never half written
+            print(f"{method.name}: prepared in {time.time() - started:.1f} s -> {path}")
+        paths[method.name] = str(path)
+    return paths
 
 
 # 3. Scores -------------------------------------------------------------------------------------
@@ -269,7 +337,7 @@ def _png_side(png: bytes) -> int:
     return image_hw(png)[0]
 
 
-def score_methods(tables, options) -> dict:
+def score_methods(tables, options, settings: dict[str, dict]) -> dict:
     labels = tables.read("labels").to_pandas()
     published = tables.read("published_sets", ["method", "status"]).to_pandas()
     pre = labels[labels["method"] == "none"]
@@ -278,10 +346,13 @@ def score_methods(tables, options) -> dict:
     for method in options.methods:
         post = labels[labels["method"] == method]
         counts = published.loc[published["method"] == method, "status"].value_counts()
+        parsed = get_method(method)
         result = mitigation_score(pre, post).to_dict() if method != "none" else None
         rows.append(
             {
                 "method": method,
+                "kind": parsed.kind,
+                "settings": settings[method],
                 "mitigation_score": result["score"] if result else 0.0,
                 "transitions": result["transitions"] if result else None,
                 "generations": int(len(post)),
@@ -290,7 +361,7 @@ def score_methods(tables, options) -> dict:
                 "higher_is_better": metric.higher_is_better,
                 "published_sets": (
                     {s: int(counts.get(s, 0)) for s in STATUSES}
-                    if parse_method(method).published
+                    if isinstance(parsed, ActivationScaling) and parsed.published
                     else None
                 ),
             }
@@ -303,8 +374,8 @@ def score_methods(tables, options) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
-    config_path, overrides, overwrite, options = parse_args(argv)
-    config = load_config(config_path, overrides)
+    overrides, overwrite, options = parse_args(argv)
+    config = load_config(None, overrides)
     out = Path(config.out)
     if overwrite and out.exists():
         shutil.rmtree(out)
@@ -318,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         options = dataclasses.replace(
             options, latent_side=options.latent_side or 44, k=min(options.k, 2)
         )
-    if any(parse_method(m).published for m in options.methods):
+    methods = [get_method(m) for m in options.methods]
+    if any(isinstance(m, ActivationScaling) and m.published for m in methods):
         check_model(config.model)  # the published sets fit SD v1.4's layers only: refuse first
     prompts = load_prompts(config.prompts, config.prompt_limit)
     usable = prompts[prompts["error"] == ""]
@@ -344,9 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     if not tables.is_done(PUBLISHED_SHARD):
         tables.write_shard(PUBLISHED_SHARD, {"published_sets": published_rows(usable, options)})
 
-    # 3. NeMo per prompt, NeMo-C per cluster, then every method's generations, scanned
+    # 3. NeMo per prompt, NeMo-C per cluster, each preparing method's state (Wanda's mask),
+    # then every method's generations, scanned
     start_ray()
     neuron_sets = localize(tables, prompts, config, options)
+    states = prepare_methods(out, usable, config, options)
     shards = method_items(prompts, clusters, neuron_sets, config, options)
     pending = [(s, p) for s, p in shards if not tables.is_done(s)]
     total = sum(len(p) for _, p in shards)
@@ -354,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     run_shards(
         tables,
         pending,
-        scan_stages(config, reference, from_files=False),
+        scan_stages(config, reference, from_files=False, method_states=states),
         config.resources_for,
         scan_rows,
         progress,
@@ -362,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = progress.close()
 
     # 4. Scores, manifest, report
-    results = score_methods(tables, options)
+    shape = latent_shape(config.model, config.gen_size)
+    settings = {m.name: m.settings(shape) for m in methods}
+    results = score_methods(tables, options, settings)
     (out / "report").mkdir(exist_ok=True)
     (out / "report" / "mitigation.json").write_text(json.dumps(results, indent=2))
     write_manifest(
@@ -374,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
             "started": started,
             "finished": time.time(),
             "seconds_generate_scan_this_run": round(seconds, 2),
+            "methods": {
+                m.name: {"kind": m.kind, "settings": settings[m.name]}
+                | ({"state": states[m.name]} if m.name in states else {})
+                for m in methods
+            },
             "rows": {t: tables.count(t) for t in TABLES},
         },
     )

@@ -142,6 +142,17 @@ def _load_pipeline(config: GenerationConfig) -> DiffusionPipeline:
     return pipeline.to(device=config.device)
 
 
+def latent_shape(model: str, size: int) -> tuple[int, int, int]:
+    """(channels, side, side) of the model's latents at `size` px, from its configs alone, as
+    the pipeline derives them (VAE factor 2 ** (VAE blocks - 1))."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.load_config(model, subfolder="unet")
+    vae = AutoencoderKL.load_config(model, subfolder="vae")
+    side = size // 2 ** (len(vae["block_out_channels"]) - 1)
+    return (int(unet["in_channels"]), side, side)
+
+
 def _ids(name: str, values: Sequence[int], expected: int) -> list[int]:
     """`values` as non-negative Python ints, one per prompt."""
     if len(values) != expected:
@@ -192,7 +203,8 @@ class Generator:
             self._draws(rng, per_prompt.setdefault(pid, []), upto)
         return torch.stack([per_prompt[p][g] for p, g in pairs])
 
-    def _step_generators(self, prompt_ids: list[int], gen_idxs: list[int]) -> list[torch.Generator]:
+    def step_generators(self, prompt_ids: list[int], gen_idxs: list[int]) -> list[torch.Generator]:
+        """The per-sample generators of the scheduler's step noise (see the module docstring)."""
         seed = self.config.seed
         if self.config.per_prompt_noise:
             return [
@@ -207,11 +219,15 @@ class Generator:
         prompt_ids: Sequence[int],
         gen_idxs: Sequence[int],
         neuron_scales: Mapping[int, torch.Tensor] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
     ) -> np.ndarray:
         """Generate one image per prompt: (B, 3, size, size) float32 in [0, 1].
 
         `neuron_scales` (see `scanner.neurons.scale_neurons`) holds, per value layer, a (B, C)
         per-sample channel scale or a (C,) scale for all; None generates the model as is.
+        `prompt_embeds` (B, tokens, D) replaces the text encoder's embedding of `prompts` (which
+        then only name the rows), as DetectMem's optimized embeddings do; the unconditional
+        half stays the empty prompt's.
         """
         if isinstance(prompts, str):
             raise TypeError("prompts must be a sequence of strings, got a single string")
@@ -226,6 +242,11 @@ class Generator:
                 raise ValueError(
                     f"neuron_scales[{index}] has {scale.shape[0]} rows, expected {n} (one per prompt)"
                 )
+        if prompt_embeds is not None and (prompt_embeds.ndim != 3 or len(prompt_embeds) != n):
+            raise ValueError(
+                f"prompt_embeds must be (B={n}, tokens, dim), one per prompt, "
+                f"got {tuple(prompt_embeds.shape)}"
+            )
         if n == 0:
             return np.zeros((0, 3, self.config.size, self.config.size), dtype=np.float32)
         images = []
@@ -245,6 +266,7 @@ class Generator:
                 [prompt_ids[r] for r in rows],
                 [gen_idxs[r] for r in rows],
                 chunk_scales,
+                None if prompt_embeds is None else prompt_embeds[rows],
             )
             images.append(chunk[: stop - start])
         return np.concatenate(images)
@@ -255,6 +277,7 @@ class Generator:
         prompt_ids: list[int],
         gen_idxs: list[int],
         neuron_scales: Mapping[int, torch.Tensor] | None,
+        prompt_embeds: torch.Tensor | None = None,
     ) -> np.ndarray:
         """One pipeline call on exactly `batch_size` rows.
 
@@ -267,14 +290,17 @@ class Generator:
         latents = self.initial_latents(prompt_ids, gen_idxs).to(cfg.device, cfg.torch_dtype)
         hooks = scale_neurons(self.unet, neuron_scales) if neuron_scales else nullcontext()
         with hooks:
+            text = {"prompt": prompts}
+            if prompt_embeds is not None:
+                text = {"prompt_embeds": prompt_embeds.to(cfg.device, cfg.torch_dtype)}
             output = self.pipeline(
-                prompt=prompts,
+                **text,
                 height=cfg.size,
                 width=cfg.size,
                 num_inference_steps=cfg.steps,
                 guidance_scale=cfg.guidance,
                 latents=latents,
-                generator=self._step_generators(prompt_ids, gen_idxs),
+                generator=self.step_generators(prompt_ids, gen_idxs),
                 output_type="np",
             )
         return np.ascontiguousarray(output.images.transpose(0, 3, 1, 2), dtype=np.float32)

@@ -92,59 +92,58 @@ class LoadImages:
 
 
 class Generate:
-    """Generates each row's image with the diffusion model, with its neuron set scaled.
+    """Generates each row's image with the diffusion model under the row's mitigation method.
 
-    Rows carry `neurons` (JSON list of [layer, channel], "" for none) and `alpha` (the
-    scale of those channels: 0 deactivates, 0.1 / 0.2 dampen), so one batch can mix methods.
+    Rows carry `method` (a name of `scanner.mitigation.methods`) and `neurons` (JSON list of
+    [layer, channel] the method scales for the row's prompt, "" for none), so one batch can mix
+    methods: each method generates its own rows. `method_states` maps a method that prepares
+    (Wanda) to the .npz file of its once-per-run state.
     """
 
-    def __init__(self, config, out_size: int):
+    def __init__(self, config, out_size: int, method_states: dict[str, str] | None = None):
         from scanner.generate import Generator
-        from scanner.neurons import value_layers
 
         self.generator = Generator(config)
-        self.layers = value_layers(self.generator.unet)
         self.size = out_size  # the reference store's canonical size
+        self.states = {
+            name: dict(np.load(path, allow_pickle=False))
+            for name, path in (method_states or {}).items()
+        }
 
-    def _scales(self, neurons: list[list], alphas: np.ndarray) -> dict[int, torch.Tensor] | None:
-        """Per-sample channel scales; rows of different methods may carry different alphas,
-        so `neuron_mask_to_scales` runs once per alpha and the (disjoint) results multiply."""
-        from scanner.neurons import neuron_mask_to_scales
+    def _images(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        from scanner.mitigation.base import GenerationRows
+        from scanner.mitigation.methods import get_method
 
-        if not any(neurons):
-            return None
-        scales: dict[int, torch.Tensor] = {}
-        for alpha in np.unique(alphas):
-            rows = [chosen if a == alpha else [] for chosen, a in zip(neurons, alphas)]
-            for layer, scale in neuron_mask_to_scales(rows, self.layers, float(alpha)).items():
-                scales[layer] = scales[layer] * scale if layer in scales else scale
-        return scales
+        name = str(batch["method"][rows[0]])
+        neurons = [json.loads(batch["neurons"][i]) if batch["neurons"][i] else [] for i in rows]
+        out = get_method(name).generate(
+            self.generator,
+            GenerationRows(
+                prompts=[str(batch["prompt"][i]) for i in rows],
+                prompt_ids=batch["prompt_id"][rows].tolist(),
+                gen_idxs=batch["gen_idx"][rows].tolist(),
+                neurons=[[(int(layer), int(c)) for layer, c in n] for n in neurons],
+            ),
+            self.states.get(name),
+        )
+        if out.shape[-1] != self.size:
+            out = np.stack(
+                [canonical(im.transpose(1, 2, 0), self.size).transpose(2, 0, 1) for im in out]
+            )
+        return to_uint8(out)
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["prompt"])
         images = np.zeros((n, 3, self.size, self.size), dtype=np.uint8)
         errors = batch["error"].copy()
         rows = ok_rows(batch)
-        if len(rows):
-            neurons = [json.loads(batch["neurons"][i]) if batch["neurons"][i] else [] for i in rows]
+        methods = batch["method"][rows].astype(str)
+        for name in dict.fromkeys(methods):  # each method once, in order of first appearance
+            chosen = rows[methods == name]
             try:
-                scales = self._scales(neurons, batch["alpha"][rows])
-                out = self.generator(
-                    [str(batch["prompt"][i]) for i in rows],
-                    batch["prompt_id"][rows].tolist(),
-                    batch["gen_idx"][rows].tolist(),
-                    neuron_scales=scales,
-                )
-                if out.shape[-1] != self.size:
-                    out = np.stack(
-                        [
-                            canonical(im.transpose(1, 2, 0), self.size).transpose(2, 0, 1)
-                            for im in out
-                        ]
-                    )
-                images[rows] = to_uint8(out)
+                images[chosen] = self._images(batch, chosen)
             except (ValueError, TypeError, RuntimeError) as exc:
-                for i in rows:
+                for i in chosen:
                     errors[i] = error_json("generate", exc)
         return {**batch, "image": images, "error": errors}
 

@@ -1,4 +1,5 @@
-"""jobs/mitigate.py end to end on the tiny model, with neuron sets given so their effect shows."""
+"""jobs/mitigate.py end to end on the tiny model, with neuron sets given so their effect shows,
+and the baselines (Wanda, DetectMem) beside NeMo and NeMo-C."""
 
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def run(tmp_path_factory):
         "none",
         "nemo",
         "nemo-c",
+        "wanda",
+        "detectmem",
         "--neurons",
         str(tmp / "neurons.parquet"),
     ]
@@ -68,8 +71,8 @@ def table(out, name):
 def test_every_method_generated_and_scored(run):
     out, stdout = run
     labels = table(out, "labels")
-    assert sorted(labels["method"].unique()) == ["nemo", "nemo-c", "none"]
-    assert labels.groupby("method").size().tolist() == [3, 3, 3]
+    assert sorted(labels["method"].unique()) == ["detectmem", "nemo", "nemo-c", "none", "wanda"]
+    assert labels.groupby("method").size().tolist() == [3, 3, 3, 3, 3]
     result = json.loads((out / "report" / "mitigation.json").read_text())
     scores = {m["method"]: m for m in result["methods"]}
     assert scores["none"]["mitigation_score"] == 0.0 and scores["nemo"]["transitions"] is not None
@@ -105,3 +108,25 @@ def test_localization_stage_on_the_tiny_model(tiny_sd_dir):
     out = stage(batch)
     assert out["unet_calls"].tolist() == [1, 0]  # detection only: random weights memorize nothing
     assert out["memorized"].tolist() == [False, False] and out["neurons"].tolist() == ["[]", "[]"]
+
+
+def test_baselines_change_every_generation_and_record_their_settings(run):
+    out, _ = run
+    gens = table(out, "generations").set_index("gen_id")["image"]
+    for pid in range(3):
+        for method in ("wanda", "detectmem"):
+            assert gens[f"{pid}:0@{method}"] != gens[f"{pid}:0"], (pid, method)
+    manifest = json.loads((out / "manifest.json").read_text())["methods"]
+    assert manifest["detectmem"]["settings"]["target_loss"] == pytest.approx(0.375)  # 4 x 8 x 8
+    assert manifest["wanda"]["kind"] == "weight-editing"
+    with np.load(manifest["wanda"]["state"], allow_pickle=False) as mask:
+        assert len(mask["layers"]) == 10 and len(mask["row"]) > 0  # the tiny SD's ff.net.2
+    result = json.loads((out / "report" / "mitigation.json").read_text())
+    kinds = {m["method"]: m["kind"] for m in result["methods"]}
+    assert kinds == {
+        "none": "none",
+        "nemo": "activation-scaling",
+        "nemo-c": "activation-scaling",
+        "wanda": "weight-editing",
+        "detectmem": "prompt-optimization",
+    }
