@@ -120,7 +120,11 @@ def variants(images: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
     """(N, 3, C, H, W): each image whole, foreground-masked and background-masked (masked
     pixels 0, Algorithm 1's x ⊙ S), in the order of the variant codes WHOLE, FG, BG."""
     m = fg.unsqueeze(1).to(images.device, images.dtype)
-    return torch.stack([images, images * m, images * (1 - m)], dim=1)
+    out = images.new_empty(images.shape[0], N_VARIANTS, *images.shape[1:])
+    out[:, WHOLE] = images
+    torch.mul(images, m, out=out[:, FG])
+    torch.mul(images, 1 - m, out=out[:, BG])
+    return out
 
 
 def variant_stats(

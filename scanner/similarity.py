@@ -8,6 +8,11 @@ reproduce `pytorch_msssim.ms_ssim` / `ssim` operation for operation: 11-tap Gaus
 window with sigma 1.5 (built in float32 like pytorch-msssim), valid filtering, 2x2 average
 pooling with padding on odd sides, negative contrast-structure clamped at 0 (MS-SSIM only),
 per-channel products then the mean over channels.
+
+Two implementations of the same arithmetic: on CPUs (float32/float64) the fused numba
+kernels of `scanner.ssim_cpu`, which filter row by row in cache and never write a map they
+do not keep; elsewhere (GPUs, half-precision storage) tensor ops, with depthwise convolutions
+as the filter.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from scanner import ssim_cpu
 
 Metric = Literal["ms_ssim", "ssim"]
 METRICS: tuple[str, ...] = ("ms_ssim", "ssim")
@@ -142,8 +149,31 @@ def check_images(x: torch.Tensor, spec: SSIMSpec, name: str = "images") -> None:
         )
 
 
+def _fused(*tensors: torch.Tensor) -> bool:
+    """Whether the numba kernels take these tensors: CPU, one dtype, float32 or float64."""
+    dtype = tensors[0].dtype
+    return dtype in (torch.float32, torch.float64) and all(
+        t.device.type == "cpu" and t.dtype == dtype for t in tensors
+    )
+
+
+def _window_tuple(spec: SSIMSpec, dtype: torch.dtype) -> tuple:
+    """The window as numpy scalars of the data's dtype: the kernels' compile-time taps."""
+    return tuple(gaussian_window(spec, dtype, "cpu").numpy())
+
+
 def image_stats(x: torch.Tensor, spec: SSIMSpec) -> list[LevelStats]:
     """Per-image statistics at every scale; computed once per image, reused for every pair."""
+    if _fused(x):
+        win = _window_tuple(spec, x.dtype)
+        x = x.contiguous().numpy()
+        levels = []
+        for level in range(spec.levels):
+            mu, var = ssim_cpu.moments(x, win)
+            levels.append(LevelStats(*(torch.from_numpy(t) for t in (x, mu, var))))
+            if level < spec.levels - 1:
+                x = ssim_cpu.downsample(x)
+        return levels
     win = gaussian_window(spec, x.dtype, x.device)
     levels = []
     for level in range(spec.levels):
@@ -163,29 +193,72 @@ def pair_scores(
     spec: SSIMSpec,
 ) -> torch.Tensor:
     """(MS-)SSIM of the pairs (a[ia[j]], b[ib[j]]): one filtered cross term per scale and pair."""
-    c1 = (spec.k1 * spec.data_range) ** 2
-    c2 = (spec.k2 * spec.data_range) ** 2
     # Images may be stored in half precision to save memory; arithmetic is never below fp32.
     dtype = torch.promote_types(a[0].mu.dtype, torch.float32)
-    device = a[0].mu.device
-    win = gaussian_window(spec, dtype, device)
-    weights = torch.tensor(spec.weights, dtype=dtype, device=device)
+    weights = torch.tensor(spec.weights, dtype=dtype, device=a[0].mu.device)
     factors = []
     for level, (la, lb) in enumerate(zip(a, b, strict=True)):
-        mu_a, mu_b = la.mu[ia], lb.mu[ib]
-        mu_ab = mu_a * mu_b
-        cov = blur(la.image[ia].to(dtype) * lb.image[ib].to(dtype), win).sub_(mu_ab)
-        var_sum = la.var[ia].add_(lb.var[ib]).add_(c2)
-        cs_map = cov.mul_(2).add_(c2).div_(var_sum)
-        if level == spec.levels - 1:
-            lum = mu_ab.mul_(2).add_(c1).div_(mu_a.pow_(2) + mu_b.pow_(2) + c1)
-            cs_map = cs_map.mul_(lum)  # the full SSIM map at the coarsest scale
-        per_channel = cs_map.flatten(2).mean(-1)  # (J, C)
+        last = level == spec.levels - 1  # the full SSIM map at the coarsest scale, cs elsewhere
+        if _fused(la.image, la.mu, la.var, lb.image, lb.mu, lb.var):
+            per_channel = _level_means_fused(la, ia, lb, ib, spec, last)
+        else:
+            per_channel = _level_means_torch(la, ia, lb, ib, spec, last, dtype)
         factors.append(per_channel.relu() if spec.clamp_negative else per_channel)
     stacked = torch.stack(factors)  # (levels, J, C)
     if spec.levels == 1:
         return stacked[0].mean(-1)
     return torch.prod(stacked ** weights.view(-1, 1, 1), dim=0).mean(-1)
+
+
+def _constants(spec: SSIMSpec) -> tuple[float, float]:
+    return (spec.k1 * spec.data_range) ** 2, (spec.k2 * spec.data_range) ** 2
+
+
+def _level_means_torch(
+    la: LevelStats,
+    ia: torch.Tensor,
+    lb: LevelStats,
+    ib: torch.Tensor,
+    spec: SSIMSpec,
+    last: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(J, C) channel means of the cs (or SSIM) maps with tensor ops: the GPU path."""
+    c1, c2 = _constants(spec)
+    win = gaussian_window(spec, dtype, la.mu.device)
+    mu_a, mu_b = la.mu[ia], lb.mu[ib]
+    mu_ab = mu_a * mu_b
+    cov = blur(la.image[ia].to(dtype) * lb.image[ib].to(dtype), win).sub_(mu_ab)
+    var_sum = la.var[ia].add_(lb.var[ib]).add_(c2)
+    cs_map = cov.mul_(2).add_(c2).div_(var_sum)
+    if last:
+        lum = mu_ab.mul_(2).add_(c1).div_(mu_a.pow_(2) + mu_b.pow_(2) + c1)
+        cs_map = cs_map.mul_(lum)
+    return cs_map.flatten(2).mean(-1)
+
+
+def _level_means_fused(
+    la: LevelStats, ia: torch.Tensor, lb: LevelStats, ib: torch.Tensor, spec: SSIMSpec, last: bool
+) -> torch.Tensor:
+    """(J, C) channel means of the cs (or SSIM) maps with the fused numba kernel: the CPU path."""
+    dtype = la.mu.dtype
+    scalar = la.mu.numpy().dtype.type
+    c1, c2 = (scalar(c) for c in _constants(spec))
+    means = ssim_cpu.cross_means(
+        la.image.numpy(),
+        la.mu.numpy(),
+        la.var.numpy(),
+        ia.to(torch.int64).contiguous().numpy(),
+        lb.image.numpy(),
+        lb.mu.numpy(),
+        lb.var.numpy(),
+        ib.to(torch.int64).contiguous().numpy(),
+        _window_tuple(spec, dtype),
+        c1,
+        c2,
+        last,
+    )
+    return torch.from_numpy(means).to(dtype)
 
 
 def similarity(
