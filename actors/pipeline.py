@@ -58,6 +58,7 @@ def scan_stages(config: FullScanConfig, reference: str, from_files: bool) -> lis
         "metric": config.metric,
         "sscd": config.sscd,
         "match_by": config.match_by,
+        "region_mode": config.region_mode,
     }
     return [
         first,

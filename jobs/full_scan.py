@@ -31,6 +31,7 @@ from scanner.fbmem import MATCH_BY
 from scanner.plan import generation_items, load_config, reference_store
 from scanner.prompts import load_prompts
 from scanner.scan import PROMPTS_SHARD, SCAN_TABLES, scan_rows, write_prompts
+from scanner.scoring import REGION_MODES
 from scanner.store import ShardedTables, config_digest, package_versions, write_manifest
 
 
@@ -66,6 +67,12 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, dict, bool]:
         choices=MATCH_BY,
         help="each generation's one match: highest (M_fg + M_bg) / 2 (mean, default), M_full, "
         "or the most severe label (a worst-case audit view)",
+    )
+    p.add_argument(
+        "--region-mode",
+        choices=REGION_MODES,
+        help="masked (default, the paper's Algorithm 1) or pooled: region scores from the SSIM "
+        "maps of the unmasked images where both images hold the region (docs/region-modes.md)",
     )
     p.add_argument("--shard-size", type=int)
     args = vars(p.parse_args(argv))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from scanner.fbmem import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU, MATCH_BY
 from scanner.images import DEFAULT_SIZE
+from scanner.scoring import DEFAULT_REGION_MODE, REGION_MODES
 from scanner.similarity import METRICS
 
 
@@ -45,6 +46,17 @@ def _add_match_by(p: argparse.ArgumentParser) -> None:
         help="each generation's one match among its candidates: highest (M_fg + M_bg) / 2 "
         "(mean, default, as the paper's authors), highest M_full (full), or the most severe "
         "label (most-severe, a worst-case audit view)",
+    )
+
+
+def _add_region_mode(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--region-mode",
+        choices=REGION_MODES,
+        default=DEFAULT_REGION_MODE,
+        help="masked (default, the paper's Algorithm 1: each region compared with the other "
+        "zeroed) or pooled (the SSIM maps of the unmasked images averaged where both images "
+        "hold the region; docs/region-modes.md)",
     )
 
 
@@ -112,6 +124,7 @@ def cmd_compare(args) -> int:
         metric=args.metric,
         sscd=args.sscd,
         device=args.device,
+        region_mode=args.region_mode,
     )
     needs_segmenter = any(s.gen_mask is None or s.ref_mask is None for s in specs)
     records = compare_pairs(specs, options, _segmenter(args) if needs_segmenter else None)
@@ -245,6 +258,7 @@ def cmd_scan_images(args) -> int:
         metric=args.metric,
         sscd=args.sscd,
         match_by=args.match_by,
+        region_mode=args.region_mode,
         segmenter=_segmenter_config(args),
         device=args.device,
         shard_size=args.shard_size,
@@ -283,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
     _add_fbmem_options(p)
+    _add_region_mode(p)
     _add_segmenter_options(p)
     p.set_defaults(func=cmd_compare)
 
@@ -331,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard an existing scan at --out")
     _add_fbmem_options(p, size=False)
     _add_match_by(p)
+    _add_region_mode(p)
     _add_segmenter_options(p)
     p.set_defaults(func=cmd_scan_images)
 

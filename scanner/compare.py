@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU, load_metric, score_pairs
+from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU, check_region_mode, load_metric, score_pairs
 from scanner.images import DEFAULT_SIZE, ImageError, image_hw, load_image, load_mask
+from scanner.scoring import DEFAULT_REGION_MODE
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class CompareOptions:
     metric: str = "ms_ssim"  # ms_ssim, ssim or sscd
     sscd: str | None = None  # SSCD TorchScript file, for metric sscd
     device: str = "cpu"
+    region_mode: str = DEFAULT_REGION_MODE  # masked (the paper's) or pooled
 
 
 def read_pairs_csv(path: str | Path) -> list[PairSpec]:
@@ -94,6 +96,7 @@ class _Loaded:
 
 def compare_pairs(specs: list[PairSpec], options: CompareOptions, segmenter=None) -> list[dict]:
     """One record per spec, in order: Algorithm 1's scores and label, or an `error`."""
+    check_region_mode(options.region_mode, options.metric)
     gens, refs = _Loaded(options.size), _Loaded(options.size)
     rows: list[tuple[int, int] | str] = []
     for spec in specs:
@@ -119,7 +122,15 @@ def compare_pairs(specs: list[PairSpec], options: CompareOptions, segmenter=None
         pairs = torch.tensor(sorted(set(valid)), dtype=torch.long)
         metric = load_metric(options.metric, options.sscd, options.device)
         scores = score_pairs(
-            g, r, g_fg, r_fg, pairs, tau=options.tau, beta=options.beta, metric=metric
+            g,
+            r,
+            g_fg,
+            r_fg,
+            pairs,
+            tau=options.tau,
+            beta=options.beta,
+            metric=metric,
+            region_mode=options.region_mode,
         )
         by_pair = {(rec["gen_index"], rec["ref_index"]): rec for rec in scores.records()}
     out = []

@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scanner.fbmem import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU, MATCH_BY
+from scanner.fbmem import (
+    DEFAULT_BETA,
+    DEFAULT_MATCH_BY,
+    DEFAULT_TAU,
+    MATCH_BY,
+    check_region_mode,
+)
+from scanner.scoring import DEFAULT_REGION_MODE
 from scanner.store import gen_id
 
 STAGES = ("generate", "load", "segment", "embed", "match", "localize")
@@ -60,6 +67,7 @@ class FullScanConfig:
     match_by: str = (
         DEFAULT_MATCH_BY  # one match per generation (DESIGN 4.2): mean, full, most-severe
     )
+    region_mode: str = DEFAULT_REGION_MODE  # masked (the paper's) or pooled (docs/region-modes.md)
     segmenter: str = "classical"
     birefnet: str | None = None
     trust_remote_code: bool = False
@@ -127,6 +135,7 @@ def validate(config: FullScanConfig) -> None:
         )
     if config.match_by not in MATCH_BY:
         raise ValueError(f"match_by must be one of {MATCH_BY}, got {config.match_by!r}")
+    check_region_mode(config.region_mode, config.metric)
     if config.n_per_prompt < 1 or config.shard_size < 1 or config.top_k < 0:
         raise ValueError("n_per_prompt and shard_size must be >= 1 and top_k >= 0")
 

@@ -17,7 +17,8 @@ import pandas as pd
 
 from scanner.driver import Progress, ShardCollector, error_row, run_local, split_shards
 from scanner.embed import EmbedConfig
-from scanner.fbmem import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU
+from scanner.fbmem import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU, check_region_mode
+from scanner.scoring import DEFAULT_REGION_MODE
 from scanner.segment import SegmenterConfig
 from scanner.sources import list_images
 from scanner.stages import Embed, LoadImages, Match, Segment, error_json
@@ -36,6 +37,7 @@ class ScanConfig:
     metric: str = "ms_ssim"  # ms_ssim, ssim or sscd
     sscd: str | None = None  # SSCD TorchScript file, for metric sscd
     match_by: str = DEFAULT_MATCH_BY  # one match per generation: highest mean, full, or most-severe
+    region_mode: str = DEFAULT_REGION_MODE  # masked (the paper's) or pooled (docs/region-modes.md)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     device: str = "cpu"
     shard_size: int = 256  # generations per resumable shard
@@ -44,6 +46,7 @@ class ScanConfig:
     def __post_init__(self) -> None:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = exhaustive), got {self.top_k}")
+        check_region_mode(self.region_mode, self.metric)
 
 
 def scan_items(src: str | Path) -> pd.DataFrame:
@@ -153,6 +156,7 @@ def scan_images(
         config.device,
         sscd=config.sscd,
         match_by=config.match_by,
+        region_mode=config.region_mode,
     )
     segment = Segment(config.segmenter)
     embed = Embed(reference_embed_config(match.refs.manifest, config.device))

@@ -78,25 +78,54 @@ def _moments(x, win, mu, var):  # pragma: no cover - compiled
                     v[j] -= m[j] * m[j]
 
 
+@numba.njit(**_JIT)
+def _region_rows(share, i, top, code, inside, dst):  # pragma: no cover - compiled
+    """One row of an image's region indicator: 1 where the window lies in the region (code 0,
+    the whole image: everywhere; 1, foreground: share >= inside; 2, background: 1 - share >=
+    inside), else 0."""
+    for j in range(dst.shape[0]):
+        if code == 0:
+            dst[j] = 1
+        elif code == 1:
+            dst[j] = 1 if share[i, top, j] >= inside else 0
+        else:
+            dst[j] = 1 if 1 - share[i, top, j] >= inside else 0
+
+
 @numba.njit(nogil=True, **_JIT)
 def _cross_means(
-    xa, mua, vara, ia, xb, mub, varb, ib, win, c1, c2, luminance, out
+    xa, mua, vara, sa, ia, xb, mub, varb, sb, ib, regions, inside, win, c1, c2, luminance, out, mass
 ):  # pragma: no cover - compiled
-    """out[p, ch] = mean of the cs map (the SSIM map when `luminance`) of (a[ia[p]], b[ib[p]]).
+    """Means of the cs map (the SSIM map when `luminance`) of the pairs (a[ia[p]], b[ib[p]]).
 
-    Only the cross term E[ab] is filtered here; means and variances come from `_moments`."""
+    out[p, ch, 0] is the plain mean over the valid map. For each region k of regions (P, K, 2)
+    (variant codes of the a and b sides: 0 whole, 1 foreground, 2 background), out[p, ch,
+    1 + k] is the mean of the cs map and out[p, ch, 1 + K + k] the mean of the SSIM map over
+    the windows that lie in the region in both images (window shares sa, sb at least
+    `inside`); mass[p, k] counts those windows. Only the cross term E[ab] is filtered here;
+    means and variances come from `_moments`."""
     n_pairs, c = ia.shape[0], xa.shape[1]
     h, w = xa.shape[2], xa.shape[3]
     taps = len(win)
     wo = w - taps + 1
+    n_regions = regions.shape[1]
     ring = np.empty((taps, wo), xa.dtype)
     prod = np.empty(w, xa.dtype)
     cs = np.empty(wo, xa.dtype)
+    lum = np.empty(wo, xa.dtype)
+    in_a = np.empty(wo, xa.dtype)
+    in_b = np.empty(wo, xa.dtype)
     total = np.empty(wo, np.float64)
+    sum_cs = np.empty((n_regions, wo), np.float64)
+    sum_ssim = np.empty((n_regions, wo), np.float64)
+    counts = np.empty((n_regions, wo), np.float64)
     for job in range(n_pairs * c):
         p, ch = job // c, job % c
         a, b = ia[p], ib[p]
         total[:] = 0
+        sum_cs[:] = 0
+        sum_ssim[:] = 0
+        counts[:] = 0
         for r in range(h):
             ra, rb = xa[a, ch, r], xb[b, ch, r]
             for j in range(w):
@@ -108,22 +137,33 @@ def _cross_means(
             _filter_column(ring, top, cs, win)
             ma, mb = mua[a, ch, top], mub[b, ch, top]
             va, vb = vara[a, ch, top], varb[b, ch, top]
-            if luminance:
+            for j in range(wo):
+                cov = cs[j] - ma[j] * mb[j]
+                cs[j] = (cov + cov + c2) / (va[j] + vb[j] + c2)
+            if luminance or n_regions > 0:
                 for j in range(wo):
                     mab = ma[j] * mb[j]
-                    cov = cs[j] - mab
-                    cs[j] = (
-                        (cov + cov + c2)
-                        / (va[j] + vb[j] + c2)
-                        * ((mab + mab + c1) / (ma[j] * ma[j] + mb[j] * mb[j] + c1))
-                    )
+                    lum[j] = (mab + mab + c1) / (ma[j] * ma[j] + mb[j] * mb[j] + c1)
+            if luminance:
+                for j in range(wo):
+                    total[j] += cs[j] * lum[j]
             else:
                 for j in range(wo):
-                    cov = cs[j] - ma[j] * mb[j]
-                    cs[j] = (cov + cov + c2) / (va[j] + vb[j] + c2)
-            for j in range(wo):
-                total[j] += cs[j]
-        out[p, ch] = total.sum() / ((h - taps + 1) * wo)
+                    total[j] += cs[j]
+            for k in range(n_regions):
+                _region_rows(sa, a, top, regions[p, k, 0], inside, in_a)
+                _region_rows(sb, b, top, regions[p, k, 1], inside, in_b)
+                for j in range(wo):
+                    both = in_a[j] * in_b[j]
+                    sum_cs[k, j] += cs[j] * both
+                    sum_ssim[k, j] += cs[j] * lum[j] * both
+                    counts[k, j] += both
+        out[p, ch, 0] = total.sum() / ((h - taps + 1) * wo)
+        for k in range(n_regions):
+            mass[p, k] = counts[k].sum()
+            n = max(mass[p, k], 1.0)
+            out[p, ch, 1 + k] = sum_cs[k].sum() / n
+            out[p, ch, 1 + n_regions + k] = sum_ssim[k].sum() / n
 
 
 @numba.njit(nogil=True, **_JIT)
@@ -178,9 +218,13 @@ def moments(x: np.ndarray, win: tuple) -> tuple[np.ndarray, np.ndarray]:
     return mu, var
 
 
-def cross_means(xa, mua, vara, ia, xb, mub, varb, ib, win, c1, c2, luminance) -> np.ndarray:
-    """(P, C) means of the cs (or SSIM, with `luminance`) maps of the pairs (a[ia], b[ib])."""
-    out = np.empty((ia.shape[0], xa.shape[1]), np.float64)
+def cross_means(
+    xa, mua, vara, sa, ia, xb, mub, varb, sb, ib, regions, inside, win, c1, c2, luminance
+) -> tuple[np.ndarray, np.ndarray]:
+    """(P, C, 1 + 2K) plain, region cs and region SSIM means of the pairs' maps, and the (P, K)
+    region window counts; see `_cross_means`."""
+    out = np.empty((ia.shape[0], xa.shape[1], 1 + 2 * regions.shape[1]), np.float64)
+    mass = np.empty((ia.shape[0], regions.shape[1]), np.float64)
     _in_parallel(
         _cross_means,
         ia.shape[0],
@@ -188,19 +232,24 @@ def cross_means(xa, mua, vara, ia, xb, mub, varb, ib, win, c1, c2, luminance) ->
             xa,
             mua,
             vara,
+            sa,
             ia[lo:hi],
             xb,
             mub,
             varb,
+            sb,
             ib[lo:hi],
+            regions[lo:hi],
+            inside,
             win,
             c1,
             c2,
             luminance,
             out[lo:hi],
+            mass[lo:hi],
         ),
     )
-    return out
+    return out, mass
 
 
 def downsample(x: np.ndarray) -> np.ndarray:
