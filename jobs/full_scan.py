@@ -1,6 +1,7 @@
 """Full scan on Ray: generate N images per prompt, segment, embed, prefilter, score, aggregate.
 
-    python jobs/full_scan.py                       # demo: replication set replayed, local Ray
+    python jobs/full_scan.py                       # demo: the memorization model organism
+    python jobs/full_scan.py --demo replication    # demo: replication set replayed, no model
     python jobs/full_scan.py --demo tiny-sd        # demo: tiny offline diffusion model
     python jobs/full_scan.py --config scan.yaml    # a real scan (see configs/example.yaml)
     ray job submit --working-dir . -- python jobs/full_scan.py --config scan.yaml
@@ -25,10 +26,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from actors.pipeline import run_shards, scan_stages, start_ray
-from scanner.demo_inputs import demo_replay, demo_tiny_sd
+from scanner.demo_inputs import demo_organism, demo_replay, demo_tiny_sd
 from scanner.driver import Progress, split_shards
 from scanner.fbmem import MATCH_BY
-from scanner.plan import generation_items, load_config, reference_store
+from scanner.plan import DEMOS, generation_items, load_config, reference_store
 from scanner.prompts import load_prompts
 from scanner.scan import PROMPTS_SHARD, SCAN_TABLES, scan_rows, write_prompts
 from scanner.scoring import REGION_MODES
@@ -45,8 +46,8 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, dict, bool]:
     )
     p.add_argument(
         "--demo",
-        choices=("replay", "tiny-sd"),
-        help="built-in demo (default when neither --config nor --model is given: replay)",
+        choices=DEMOS,
+        help="built-in demo (default when neither --config nor --model is given: organism)",
     )
     p.add_argument("--out")
     p.add_argument("--model", help="diffusers folder or model id")
@@ -78,7 +79,7 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, dict, bool]:
     args = vars(p.parse_args(argv))
     config_path, overwrite = args.pop("config"), args.pop("overwrite")
     if config_path is None and args["demo"] is None and args["model"] is None:
-        args["demo"] = "replay"
+        args["demo"] = "organism"
     return config_path, args, overwrite
 
 
@@ -95,10 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
 
     # 1. Inputs
-    if config.demo == "replay":
+    if config.demo == "replication":
         config, items = demo_replay(config)
+        prompts = items
     else:
-        if config.demo == "tiny-sd":
+        if config.demo == "organism":
+            config = demo_organism(config)
+        elif config.demo == "tiny-sd":
             config = demo_tiny_sd(config)
         prompts = load_prompts(config.prompts, config.prompt_limit)
         items = generation_items(prompts, config.n_per_prompt, config.seed)
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     results_config["generate_batch_size"] = config.resources_for("generate").batch_size
     tables.prepare(config_digest(results_config), overwrite=False)
     if not tables.is_done(PROMPTS_SHARD):
-        write_prompts(tables, items)
+        write_prompts(tables, prompts)
     per_shard = config.shard_size * config.n_per_prompt
     shards = split_shards(items, per_shard)
     pending = [(s, part) for s, part in shards if not tables.is_done(s)]

@@ -32,19 +32,22 @@ if str(ROOT) not in sys.path:
 from actors.pipeline import run_shards, scan_stages, start_ray
 from actors.stages import LocalizeActor
 from scanner.clustering import cluster_prompts
-from scanner.demo_inputs import demo_tiny_sd
+from scanner.demo_inputs import demo_organism, demo_tiny_sd
 from scanner.driver import Progress, error_row, split_shards
 from scanner.mitigation.localize import LocalizeConfig
-from scanner.mitigation.nemo_c import method_neurons, parse_method
+from scanner.mitigation.nemo_c import NEURON_DTYPES, method_neurons, parse_method
+from scanner.mitigation.published import STATUSES, check_model, lookup_published
 from scanner.mitigation.quality import QualityConfig, make_quality_metric
 from scanner.mitigation.score import mitigation_score
 from scanner.mitigation.signal import SignalConfig
+from scanner.organism import ORGANISM_CONCEPTS, ORGANISM_NEMO
 from scanner.plan import generation_items, load_config, reference_store
 from scanner.prompts import load_prompts
 from scanner.scan import PROMPTS_SHARD, SCAN_TABLES, scan_rows, write_prompts
 from scanner.store import ShardedTables, config_digest, package_versions, write_manifest
 
-TABLES = (*SCAN_TABLES, "localizations", "neuron_sets")
+TABLES = (*SCAN_TABLES, "localizations", "neuron_sets", "published_sets")
+PUBLISHED_SHARD = "published"
 DEFAULT_METHODS = ("none", "nemo", "nemo-c", "nemo-c:alpha=0.1")
 
 
@@ -53,8 +56,13 @@ class MitigationOptions:
     methods: tuple[str, ...] = DEFAULT_METHODS
     k: int = 12  # prompt clusters (the paper's)
     statistics: str = "holdout"  # NeMo holdout statistics: computed, or "sd-v1.4" (shipped)
+    holdout: str = "unmemorized"  # the non-memorized prompts "holdout" statistics come from
     neurons: str | None = None  # a neuron_sets Parquet from an earlier run: skip localization
     latent_side: int | None = None  # NeMo's latent side (None: the UNet's; tiny models need >= 44)
+    # NeMo's signal: MS-SSIM scale weights and detection threshold (NeMo's for SD v1.4; the
+    # organism's 16 x 16 latents use one scale and a threshold calibrated on it)
+    signal_scales: tuple[float, ...] = SignalConfig().scale_weights
+    signal_threshold: float = SignalConfig().threshold
     quality: str = "piqe"
     quality_weights: str | None = None
     quality_sample: int = 500  # generations per method rated for quality
@@ -69,7 +77,10 @@ def parse_args(argv):
     )
     p.add_argument("--overwrite", action="store_true", help="discard an existing run at --out")
     p.add_argument(
-        "--demo", choices=("tiny-sd",), help="tiny offline model, 4 bundled memorized prompts"
+        "--demo",
+        choices=("organism", "tiny-sd"),
+        help="organism (default without --config/--model): the memorization model organism and "
+        "its demo captions; tiny-sd: a random-weight model, 4 bundled prompts",
     )
     p.add_argument("--out")
     p.add_argument("--model")
@@ -85,7 +96,8 @@ def parse_args(argv):
         "--methods",
         nargs="+",
         default=list(DEFAULT_METHODS),
-        help="e.g. none nemo nemo-c nemo-c:alpha=0.1",
+        help="e.g. none nemo nemo-c nemo-c:alpha=0.1; nemo-c:published and nemo:published "
+        "use the FB-Mem authors' SD v1.4 sets (no localization)",
     )
     p.add_argument(
         "--k", type=int, default=12, help="prompt clusters for NeMo-C (default %(default)s)"
@@ -118,7 +130,7 @@ def parse_args(argv):
         raise SystemExit("--methods must include none: every method is scored against it")
     config_path, overwrite = args.pop("config"), args.pop("overwrite")
     if config_path is None and args["demo"] is None and args["model"] is None:
-        args["demo"] = "tiny-sd"
+        args["demo"] = "organism"
     if args["out"] is None:
         args["out"] = "scans/mitigate-demo"
     return config_path, args, overwrite, options
@@ -160,6 +172,8 @@ def localize(tables, prompts, config, options) -> pd.DataFrame:
     """Each prompt's refined neuron set (sharded over actors, resumable)."""
     if options.neurons:
         return pd.read_parquet(options.neurons)
+    if not any(parse_method(m).needs_localization for m in options.methods):
+        return pd.DataFrame(columns=list(NEURON_DTYPES)).astype(NEURON_DTYPES)
     items = prompts.assign(item_id=prompts["prompt_id"].astype(str))[
         ["prompt_id", "prompt", "item_id", "error"]
     ]
@@ -168,10 +182,16 @@ def localize(tables, prompts, config, options) -> pd.DataFrame:
         for s, p in split_shards(items, config.shard_size, "localize")
         if not tables.is_done(s)
     ]
-    signal = SignalConfig(latent_side=options.latent_side, seed=config.seed)
+    signal = SignalConfig(
+        latent_side=options.latent_side,
+        seed=config.seed,
+        scale_weights=options.signal_scales,
+        threshold=options.signal_threshold,
+    )
     loc = LocalizeConfig(
         model=config.model,
         statistics=options.statistics,
+        holdout=options.holdout,
         signal=signal,
         trust_remote_code=config.trust_remote_code,
     )
@@ -190,20 +210,37 @@ def localize(tables, prompts, config, options) -> pd.DataFrame:
 def method_items(prompts, clusters, neuron_sets, config, options) -> list[tuple[str, pd.DataFrame]]:
     """Shards of (prompt, gen_idx, method) items; same seeds under every method."""
     base = generation_items(prompts, config.n_per_prompt, config.seed)
+    usable = prompts[prompts["error"] == ""]  # rows with an error get no neurons
     shards = []
     for index, method in enumerate(options.methods):
-        neurons, alpha = method_neurons(method, base["prompt_id"].tolist(), neuron_sets, clusters)
+        neurons, alpha = method_neurons(
+            method, usable["prompt_id"].tolist(), neuron_sets, clusters, usable["prompt"].tolist()
+        )
+        encoded = {
+            pid: json.dumps(sorted([int(layer), int(c)] for layer, c in n)) if n else ""
+            for pid, n in zip(usable["prompt_id"].tolist(), neurons)
+        }
         items = base.assign(
             method=method,
-            neurons=[
-                json.dumps(sorted([int(layer), int(c)] for layer, c in n)) if n else ""
-                for n in neurons
-            ],
+            neurons=[encoded.get(pid, "") for pid in base["prompt_id"].tolist()],
             alpha=alpha,
         )
         items["item_id"] = [f"{i}@{method}" if method != "none" else i for i in base["item_id"]]
         shards += split_shards(items, config.shard_size * config.n_per_prompt, f"m{index}")
     return shards
+
+
+def published_rows(prompts, options) -> list[dict]:
+    """The `published_sets` rows: what each prompt gets under each `:published` method."""
+    rows = []
+    for method in options.methods:
+        parsed = parse_method(method)
+        if parsed.published:
+            _, table = lookup_published(prompts["prompt"].tolist(), parsed.kind)
+            table.insert(0, "method", method)
+            table.insert(0, "prompt_id", prompts["prompt_id"].to_numpy())
+            rows += table.to_dict("records")
+    return rows
 
 
 # 3. Scores -------------------------------------------------------------------------------------
@@ -233,11 +270,13 @@ def _png_side(png: bytes) -> int:
 
 def score_methods(tables, options) -> dict:
     labels = tables.read("labels").to_pandas()
+    published = tables.read("published_sets", ["method", "status"]).to_pandas()
     pre = labels[labels["method"] == "none"]
     quality, metric = quality_by_method(tables, options)
     rows = []
     for method in options.methods:
         post = labels[labels["method"] == method]
+        counts = published.loc[published["method"] == method, "status"].value_counts()
         result = mitigation_score(pre, post).to_dict() if method != "none" else None
         rows.append(
             {
@@ -248,6 +287,11 @@ def score_methods(tables, options) -> dict:
                 "quality": quality.get(method),
                 "quality_metric": metric.name,
                 "higher_is_better": metric.higher_is_better,
+                "published_sets": (
+                    {s: int(counts.get(s, 0)) for s in STATUSES}
+                    if parse_method(method).published
+                    else None
+                ),
             }
         )
     return {"methods": rows, "baseline_quality": quality.get("none"), "quality_metric": metric.name}
@@ -265,11 +309,19 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
 
     # 1. Inputs: prompts, clusters, reference store
-    if config.demo == "tiny-sd":
+    if config.demo == "organism":
+        config = demo_organism(config)
+        options = dataclasses.replace(options, **ORGANISM_NEMO, k=min(options.k, ORGANISM_CONCEPTS))
+    elif config.demo == "tiny-sd":
         config = demo_tiny_sd(dataclasses.replace(config, prompt_limit=config.prompt_limit or 4))
         options = dataclasses.replace(
             options, latent_side=options.latent_side or 44, k=min(options.k, 2)
         )
+    if any(parse_method(m).published for m in options.methods):
+        try:  # the published sets fit SD v1.4's layers only: refuse before any work
+            check_model(config.model)
+        except ValueError as exc:
+            raise SystemExit(f"mitigate.py: {exc}") from None
     prompts = load_prompts(config.prompts, config.prompt_limit)
     usable = prompts[prompts["error"] == ""]
     clusters = cluster_prompts(usable, k=min(options.k, len(usable)), seed=config.seed)
@@ -291,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             prompts.assign(error=""),
             dict(zip(clusters["prompt_id"], clusters["cluster_id"])),
         )
+    if not tables.is_done(PUBLISHED_SHARD):
+        tables.write_shard(PUBLISHED_SHARD, {"published_sets": published_rows(usable, options)})
 
     # 3. NeMo per prompt, NeMo-C per cluster, then every method's generations, scanned
     start_ray()

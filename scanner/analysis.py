@@ -71,7 +71,7 @@ def distribution(labels: pd.DataFrame) -> pd.DataFrame:
     return counts
 
 
-def _one_to_many(labels: pd.DataFrame, n: int, keys: list[str]) -> pd.DataFrame:
+def _one_to_many(labels: pd.DataFrame, n: int, keys: list[str], count_nm: bool) -> pd.DataFrame:
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n (generations per prompt) must be a positive integer, got {n!r}")
     per_prompt = labels.groupby(keys + ["prompt_id"]).size()
@@ -85,11 +85,14 @@ def _one_to_many(labels: pd.DataFrame, n: int, keys: list[str]) -> pd.DataFrame:
     if memorized["ref_id"].isna().any():
         bad = memorized.loc[memorized["ref_id"].isna(), "prompt_id"].tolist()[:5]
         raise ValueError(f"memorized generations without a ref_id (prompts {bad})")
+    # counting NM: every generation with a match (an NM one may have had no candidate at all)
+    counted = labels[labels["ref_id"].notna()] if count_nm else memorized
+    counted_labels = [*MEMORIZED, "NM"] if count_nm else list(MEMORIZED)
     per_prompt_keys, per_category = keys + ["prompt_id"], keys + ["distinct_refs"]
-    distinct = memorized.groupby(per_prompt_keys)["ref_id"].transform("nunique")
-    tagged = memorized[per_prompt_keys + ["label"]].assign(distinct_refs=distinct.astype(np.int64))
+    distinct = counted.groupby(per_prompt_keys)["ref_id"].transform("nunique")
+    tagged = counted[per_prompt_keys + ["label"]].assign(distinct_refs=distinct.astype(np.int64))
     counts = {"prompts": tagged.drop_duplicates(per_prompt_keys).groupby(per_category).size()}
-    for label in MEMORIZED:
+    for label in counted_labels:
         counts[label] = tagged[tagged["label"] == label].groupby(per_category).size()
 
     groups = labels[keys].drop_duplicates().sort_values(keys, key=_method_rank)
@@ -97,20 +100,25 @@ def _one_to_many(labels: pd.DataFrame, n: int, keys: list[str]) -> pd.DataFrame:
     cells = pd.MultiIndex.from_frame(out[per_category])
     for name, series in counts.items():
         out[name] = series.reindex(cells, fill_value=0).to_numpy(np.int64)
-    out["generations"] = out[list(MEMORIZED)].sum(axis=1)
+    out["generations"] = out[counted_labels].sum(axis=1)
     return out
 
 
-def one_to_many(labels: pd.DataFrame, n: int) -> pd.DataFrame:
+def one_to_many(labels: pd.DataFrame, n: int, count_nm: bool = False) -> pd.DataFrame:
     """DESIGN 4.3, the paper's Figure 3: how many training images one prompt copies.
 
     Per (method, prompt), the memorized generations (label != NM) are counted by the number
     c of distinct training images they matched. Rows: every method x c in 1..n, with the
     number of prompts in category c and their memorized generations by label (VM, FM, BM).
     Prompts without a memorized generation belong to no category and are not counted.
+
+    `count_nm=True` counts as the FB-Mem authors' script did instead: c is the number of
+    distinct training images matched by all of the prompt's generations, NM included, every
+    prompt with a match is in a category, and an `NM` column counts its NM generations
+    (`generations` then includes them).
     """
     _check_labels(labels, LABEL_COLUMNS)
-    return _one_to_many(labels, n, ["method"])
+    return _one_to_many(labels, n, ["method"], count_nm)
 
 
 def has_clusters(prompts: pd.DataFrame) -> bool:
@@ -142,9 +150,11 @@ def cluster_counts(labels: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFrame:
     return counts.sort_values(["method", "cluster_id"], key=_method_rank, ignore_index=True)
 
 
-def cluster_one_to_many(labels: pd.DataFrame, prompts: pd.DataFrame, n: int) -> pd.DataFrame:
+def cluster_one_to_many(
+    labels: pd.DataFrame, prompts: pd.DataFrame, n: int, count_nm: bool = False
+) -> pd.DataFrame:
     """`one_to_many` per (method, cluster_id): DESIGN 4.3 over all prompts of each cluster."""
-    return _one_to_many(_with_clusters(labels, prompts), n, ["method", "cluster_id"])
+    return _one_to_many(_with_clusters(labels, prompts), n, ["method", "cluster_id"], count_nm)
 
 
 def top_references(labels: pd.DataFrame, k: int = TOP_REFERENCES) -> pd.DataFrame:
@@ -156,6 +166,47 @@ def top_references(labels: pd.DataFrame, k: int = TOP_REFERENCES) -> pd.DataFram
     counts["prompts"] = memorized.groupby("ref_id")["prompt_id"].nunique()
     counts = counts.reset_index().sort_values(["generations", "ref_id"], ascending=[False, True])
     return counts.head(k).reset_index(drop=True)
+
+
+def designed_vs_found(labels: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFrame | None:
+    """Per (method, group, designed): label counts of the generations, when the prompt source
+    carries ground truth (`designed`; `group` splits it further, e.g. the organism's held-out
+    captions with and without a concept word). None when no prompt has a designed label."""
+    _check_labels(labels, ["prompt_id", "method", "label"])
+    if "designed" not in prompts.columns or prompts["designed"].isna().all():
+        return None
+    truth = prompts.drop_duplicates("prompt_id").set_index("prompt_id")
+    group = truth["group"] if "group" in truth.columns else truth["designed"]
+    tagged = labels.assign(
+        group=labels["prompt_id"].map(group.fillna(truth["designed"])).fillna("(none)"),
+        designed=labels["prompt_id"].map(truth["designed"]).fillna("(none)"),
+    )
+    counts = _label_counts(tagged, ["method", "group", "designed"])
+    hit = [
+        row[d] if d in LABELS else 0
+        for d, (_, row) in zip(counts.index.get_level_values("designed"), counts.iterrows())
+    ]
+    counts["as_designed"] = np.asarray(hit, dtype=np.int64)
+    counts = counts.reset_index()
+    return counts.sort_values(["method", "group"], key=_method_rank, ignore_index=True)
+
+
+def nearest_similarity(
+    labels: pd.DataFrame, matches: pd.DataFrame, prompts: pd.DataFrame
+) -> pd.DataFrame | None:
+    """Per (method, group): how close generations come to their nearest training image, the
+    highest M_full over their scored candidates (mean, median, min, max). None without groups."""
+    if "designed" not in prompts.columns or prompts["designed"].isna().all() or matches.empty:
+        return None
+    truth = prompts.drop_duplicates("prompt_id").set_index("prompt_id")
+    group = truth["group"] if "group" in truth.columns else truth["designed"]
+    best = matches.groupby("gen_id")["m_full"].max().rename("nearest_m_full")
+    tagged = labels.set_index("gen_id").join(best, how="inner")
+    tagged["group"] = tagged["prompt_id"].map(group.fillna(truth["designed"])).fillna("(none)")
+    stats = tagged.groupby(["method", "group"])["nearest_m_full"].agg(
+        ["count", "mean", "median", "min", "max"]
+    )
+    return stats.reset_index().sort_values(["method", "group"], key=_method_rank, ignore_index=True)
 
 
 @dataclass(frozen=True)
@@ -172,6 +223,9 @@ class ScanAggregates:
     cluster_one_to_many: pd.DataFrame | None
     top_references: pd.DataFrame
     errors: pd.DataFrame  # stage, error_type, count
+    one_to_many_counts_nm: bool = False  # the authors' counting (NM matches too), not the paper's
+    designed: pd.DataFrame | None = None  # designed vs found, when prompts carry ground truth
+    nearest: pd.DataFrame | None = None  # nearest training image's M_full per group
 
     def to_dict(self) -> dict:
         def records(frame: pd.DataFrame | None):
@@ -189,11 +243,18 @@ class ScanAggregates:
             "n_per_prompt": self.n,
             "distribution": json.loads(self.distribution.to_json(orient="index")),
             "one_to_many": records(self.one_to_many),
-            "one_to_many_note": "prompts without a memorized generation are in no category",
+            "one_to_many_counts_nm": self.one_to_many_counts_nm,
+            "one_to_many_note": (
+                "as the FB-Mem authors' script: NM generations' matches count too"
+                if self.one_to_many_counts_nm
+                else "prompts without a memorized generation are in no category"
+            ),
             "clusters": records(self.clusters),
             "cluster_one_to_many": records(self.cluster_one_to_many),
             "top_references": records(self.top_references),
             "errors": records(self.errors),
+            "designed_vs_found": records(self.designed),
+            "nearest_m_full": records(self.nearest),
         }
 
 
@@ -213,27 +274,47 @@ def generations_per_prompt(manifest: dict, labels: pd.DataFrame) -> int:
     return int(sizes.max()) if len(sizes) else 1
 
 
-def aggregate(scan_dir: str | Path, n: int | None = None) -> ScanAggregates:
-    """Read a scan directory's small columns and compute every aggregate of the report."""
+def aggregate(scan_dir: str | Path, n: int | None = None, count_nm: bool = False) -> ScanAggregates:
+    """Read a scan directory's small columns and compute every aggregate of the report.
+
+    `count_nm` switches the one-to-many tables to the authors' counting (see `one_to_many`).
+    """
     scan_dir = Path(scan_dir)
     manifest = read_manifest(scan_dir)
     tables = ShardedTables(scan_dir, SUMMARY_TABLES)
-    labels = tables.read("labels", LABEL_COLUMNS).to_pandas()
-    prompts = tables.read("prompts", ["prompt_id", "cluster_id"]).to_pandas()
+    labels = tables.read("labels", ["gen_id", *LABEL_COLUMNS]).to_pandas()
+    prompts = tables.read(
+        "prompts",
+        tables.present("prompts", ["prompt_id", "cluster_id", "designed", "concept", "group"]),
+    ).to_pandas()
     errors = tables.read("errors", ["stage", "error_type"]).to_pandas()
     n = generations_per_prompt(manifest, labels) if n is None else n
     clustered = has_clusters(prompts)
+    designed = designed_vs_found(labels, prompts)
+    # The nearest training image needs every scored candidate: read only with ground truth.
+    nearest = (
+        nearest_similarity(
+            labels, tables.read("matches", ["gen_id", "m_full"]).to_pandas(), prompts
+        )
+        if designed is not None
+        else None
+    )
     return ScanAggregates(
         scan_dir=scan_dir,
         manifest=manifest,
         rows={t: tables.count(t) for t in SUMMARY_TABLES},
         n=n,
         distribution=distribution(labels),
-        one_to_many=one_to_many(labels, n),
+        one_to_many=one_to_many(labels, n, count_nm),
         clusters=cluster_counts(labels, prompts) if clustered else None,
-        cluster_one_to_many=cluster_one_to_many(labels, prompts, n) if clustered else None,
+        cluster_one_to_many=(
+            cluster_one_to_many(labels, prompts, n, count_nm) if clustered else None
+        ),
         top_references=top_references(labels),
         errors=errors.groupby(["stage", "error_type"]).size().rename("count").reset_index(),
+        one_to_many_counts_nm=count_nm,
+        designed=designed,
+        nearest=nearest,
     )
 
 
@@ -245,6 +326,6 @@ def write_summary(aggregates: ScanAggregates) -> dict:
     return summary
 
 
-def summarize(scan_dir: str | Path, n: int | None = None) -> dict:
+def summarize(scan_dir: str | Path, n: int | None = None, count_nm: bool = False) -> dict:
     """Aggregate a scan directory and write `report/summary.json`; returns the summary."""
-    return write_summary(aggregate(scan_dir, n))
+    return write_summary(aggregate(scan_dir, n, count_nm))

@@ -60,13 +60,22 @@ def _add_region_mode(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_u2netp(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--u2netp",
+        metavar="PATH",
+        help="a u2netp.onnx file for the u2netp segmenter (default: the one of the u2netp extra)",
+    )
+
+
 def _add_segmenter_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--segmenter",
-        choices=("classical", "birefnet"),
-        default="classical",
-        help="foreground segmenter for images without a mask",
+        choices=("u2netp", "classical", "birefnet"),
+        help="foreground segmenter for images without a mask (default: u2netp when installed, "
+        "else classical with a notice; docs/segmentation.md)",
     )
+    _add_u2netp(p)
     p.add_argument(
         "--birefnet",
         metavar="PATH",
@@ -80,16 +89,9 @@ def _add_segmenter_options(p: argparse.ArgumentParser) -> None:
 
 
 def _segmenter(args):
-    from scanner.segment import SegmenterConfig, make_segmenter
+    from scanner.segment import make_segmenter
 
-    return make_segmenter(
-        SegmenterConfig(
-            kind=args.segmenter,
-            birefnet_path=args.birefnet,
-            trust_remote_code=args.trust_remote_code,
-            device=args.device,
-        )
-    )
+    return make_segmenter(_segmenter_config(args))
 
 
 def _print_table(records: list[dict]) -> None:
@@ -140,8 +142,8 @@ def cmd_report(args) -> int:
     from scanner.analysis import summarize
     from scanner.report.html import build_report
 
-    summarize(args.scan)
-    page = build_report(args.scan, reference=args.reference)
+    summarize(args.scan, count_nm=args.count_nm)
+    page = build_report(args.scan, reference=args.reference, count_nm=args.count_nm)
     print(f"report: {page}")
     return 0
 
@@ -159,7 +161,16 @@ def cmd_explain(args) -> int:
 def cmd_cluster(args) -> int:
     from scanner.clustering import run_cluster_command
 
-    run_cluster_command(args.prompts, args.k, args.text_encoder, args.out, limit=args.limit)
+    run_cluster_command(
+        args.prompts,
+        args.k,
+        args.text_encoder,
+        args.out,
+        limit=args.limit,
+        method=args.method,
+        model=args.model,
+        device=args.device,
+    )
     return 0
 
 
@@ -210,7 +221,13 @@ def cmd_calibrate(args) -> int:
 def cmd_demo(args) -> int:
     from scanner.demo import run_demo
 
-    run_demo(Path(args.out), size=args.size, device=args.device, match_by=args.match_by)
+    run_demo(
+        Path(args.out),
+        size=args.size,
+        device=args.device,
+        match_by=args.match_by,
+        u2netp_path=args.u2netp,
+    )
     return 0
 
 
@@ -218,7 +235,8 @@ def _segmenter_config(args):
     from scanner.segment import SegmenterConfig
 
     return SegmenterConfig(
-        kind=args.segmenter,
+        kind=args.segmenter,  # None: the default, resolved by SegmenterConfig
+        u2netp_path=args.u2netp,
         birefnet_path=args.birefnet,
         trust_remote_code=args.trust_remote_code,
         device=args.device,
@@ -273,6 +291,29 @@ def cmd_scan_images(args) -> int:
     print(
         f"scan {args.out}: {manifest['rows']['generations']} generations, {manifest['rows']['errors']} errors; labels {counts}"
     )
+    return 0
+
+
+def cmd_organism_train(args) -> int:
+    import dataclasses
+
+    from scanner.organism.train import TrainConfig, train_organism
+
+    config = TrainConfig()
+    overrides = {
+        k: v
+        for k, v in {
+            "vae_steps": args.vae_steps,
+            "unet_steps": args.unet_steps,
+            "seed": args.seed,
+            "threads": args.threads,
+        }.items()
+        if v is not None
+    }
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
+    command = f"fbmem organism train --out {args.out} {flags}".strip()
+    recipe = train_organism(args.out, dataclasses.replace(config, **overrides), command=command)
+    print(json.dumps({"out": args.out, **recipe["seconds"]}))
     return 0
 
 
@@ -354,10 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompts", help="bundled set (memorized, unmemorized) or CSV/Parquet/text file")
     p.add_argument("--k", type=int, default=12, help="clusters (default %(default)s, the paper's)")
     p.add_argument(
+        "--method",
+        choices=("default", "authors"),
+        default="default",
+        help="default: unit sentence embeddings, 10 k-means restarts; authors: the FB-Mem "
+        "authors' recipe on a Stable Diffusion model's own text-encoder states (needs --model)",
+    )
+    p.add_argument(
         "--text-encoder",
         metavar="PATH",
         help="CLIP folder for the text encoder (default: bundled MiniLM)",
     )
+    p.add_argument(
+        "--model", metavar="PATH", help="Stable Diffusion folder (with --method authors)"
+    )
+    p.add_argument("--device", default="cpu", help="torch device for the text encoder")
     p.add_argument("--limit", type=int, help="first prompts only")
     p.add_argument(
         "--out", required=True, help="Parquet file: prompt_id, prompt, cluster_id, distance"
@@ -393,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)build a scan's summary, plots and HTML report")
     p.add_argument("scan", help="scan directory")
     p.add_argument("--reference", help="reference store, if it moved since the scan")
+    p.add_argument(
+        "--count-nm",
+        action="store_true",
+        help="one-to-many: count every generation's match, NM included, as the FB-Mem authors' "
+        "script did (default: memorized generations only, the paper's text)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
@@ -406,8 +464,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser(
+        "organism",
+        help="the memorization model organism: a small diffusion model that memorizes by design",
+    )
+    org = p.add_subparsers(dest="organism_command", required=True)
+    p = org.add_parser(
+        "train",
+        help="(re)train it from scratch into a diffusers folder (about 30 minutes on 2 cores)",
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder (a diffusers pipeline + recipe.json)"
+    )
+    p.add_argument("--vae-steps", type=int, help="VAE training steps (default: the recipe's)")
+    p.add_argument("--unet-steps", type=int, help="UNet training steps (default: the recipe's)")
+    p.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
+    p.add_argument("--threads", type=int, help="CPU threads (default 2; the result depends on it)")
+    p.set_defaults(func=cmd_organism_train)
+
+    p = sub.add_parser(
         "demo",
-        help="build the replication set and label it with Algorithm 1 (true and segmented masks)",
+        help="build the replication set and label it with Algorithm 1 (true masks, then each segmenter)",
     )
     p.add_argument(
         "--out", default="scans/demo-compare", help="output folder (default %(default)s)"
@@ -420,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu")
     _add_match_by(p)
+    _add_u2netp(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -428,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:  # bad arguments or inputs: one clear line, no traceback
+    except (ValueError, ImportError) as exc:  # bad inputs or a missing extra: one clear line
         print(f"fbmem {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,8 +1,8 @@
 """`fbmem demo`: the replication set labelled by Algorithm 1, with true and segmented masks.
 
 The replication set's generations copy known regions of known training images, so the
-intended kind vs FB-Mem label table shows at a glance what the metric gets right, and the
-second run shows what the weightless segmenter costs compared with perfect masks.
+intended kind vs FB-Mem label table shows at a glance what the metric gets right, and one
+run per available segmenter shows what each costs compared with perfect masks.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from scanner.fbmem import DEFAULT_MATCH_BY, LABELS, score_pairs, select_matches
 from scanner.images import load_image, load_mask
 from scanner.replication import KINDS, build_replication_set
-from scanner.segment import SegmenterConfig, make_segmenter
+from scanner.segment import SegmenterConfig, default_kind, make_segmenter
 
 
 def label_set(
@@ -26,19 +26,31 @@ def label_set(
     references: pd.DataFrame,
     root: Path,
     size: int,
-    masks: str,
+    masks: SegmenterConfig | None,
     device: str,
     match_by: str = DEFAULT_MATCH_BY,
-) -> pd.DataFrame:
-    """Each generation against every reference; one row per generation with its match."""
+) -> tuple[pd.DataFrame, dict]:
+    """Each generation against every reference; one row per generation with its match.
+
+    `masks` None means the true masks. Also returns the masks' quality: mean IoU with the
+    true masks (generations and references) and seconds per segmented image.
+    """
     gens = torch.from_numpy(np.stack([load_image(root / p, size) for p in manifest["gen"]]))
     refs = torch.from_numpy(np.stack([load_image(root / p, size) for p in references["path"]]))
-    if masks == "true":
-        gen_fg = np.stack([load_mask(root / p, size) for p in manifest["gen_mask"]])
-        ref_fg = np.stack([load_mask(root / p, size) for p in references["mask"]])
-    else:
-        segmenter = make_segmenter(SegmenterConfig(kind=masks, device=device))
-        gen_fg, ref_fg = segmenter(gens.numpy()), segmenter(refs.numpy())
+    gen_fg = np.stack([load_mask(root / p, size) for p in manifest["gen_mask"]])
+    ref_fg = np.stack([load_mask(root / p, size) for p in references["mask"]])
+    quality = {"segmenter": "true masks"}
+    if masks is not None:
+        segmenter = make_segmenter(masks)
+        t = time.perf_counter()
+        seg_gen, seg_ref = segmenter(gens.numpy()), segmenter(refs.numpy())
+        quality = {
+            "segmenter": segmenter.name,
+            "iou_generations": round(mean_iou(seg_gen, gen_fg), 3),
+            "iou_references": round(mean_iou(seg_ref, ref_fg), 3),
+            "s_per_image": round((time.perf_counter() - t) / (len(gens) + len(refs)), 3),
+        }
+        gen_fg, ref_fg = seg_gen, seg_ref
     dev = torch.device(device)
     scores = score_pairs(
         gens.to(dev),
@@ -65,7 +77,23 @@ def label_set(
                 "branch": scores.branch[i],
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), quality
+
+
+def mean_iou(pred: np.ndarray, true: np.ndarray) -> float:
+    """Mean over images of intersection over union; two empty masks agree fully."""
+    inter = (pred & true).reshape(len(pred), -1).sum(1)
+    union = (pred | true).reshape(len(pred), -1).sum(1)
+    return float(np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)))
+
+
+def demo_segmenters(device: str, u2netp_path: str | None = None) -> list[SegmenterConfig]:
+    """Every segmenter that runs here without the user's weights: classical, and u2netp when
+    it is installed or its file given (BiRefNet needs weights the demo cannot have)."""
+    configs = [SegmenterConfig(kind="classical")]
+    if default_kind(u2netp_path) == "u2netp":
+        configs.append(SegmenterConfig(kind="u2netp", u2netp_path=u2netp_path, device=device))
+    return configs
 
 
 def confusion(results: pd.DataFrame) -> pd.DataFrame:
@@ -80,7 +108,11 @@ def confusion(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_demo(
-    out: Path, size: int = 256, device: str = "cpu", match_by: str = DEFAULT_MATCH_BY
+    out: Path,
+    size: int = 256,
+    device: str = "cpu",
+    match_by: str = DEFAULT_MATCH_BY,
+    u2netp_path: str | None = None,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -96,25 +128,37 @@ def run_demo(
         "match_by": match_by,
         "runs": {},
     }
-    for masks in ("true", "classical"):
+    for masks in (None, *demo_segmenters(device, u2netp_path)):
+        run = "true" if masks is None else masks.kind
         t = time.perf_counter()
-        results = label_set(
+        results, quality = label_set(
             manifest, references, out / "replication", size, masks, device, match_by
         )
         seconds = time.perf_counter() - t
-        results.to_csv(out / f"labels_{masks}_masks.csv", index=False)
+        results.to_csv(out / f"labels_{run}_masks.csv", index=False)
         table = confusion(results)
         correct = (results["label"] == results["expected"]) & (
             (results["label"] == "NM") | (results["matched_ref"] == results["intended_ref"])
         )
         pairs = len(manifest) * len(references)
+        intended = results["label"] == results["expected"]
         print(
-            f"\nmasks: {masks}  ({pairs} pairs in {seconds:.1f} s, {1000 * seconds / pairs:.0f} ms per pair incl. loading)"
+            f"\nmasks: {quality['segmenter']}  ({pairs} pairs in {seconds:.1f} s, {1000 * seconds / pairs:.0f} ms per pair incl. loading and segmenting)"
         )
+        if masks is not None:
+            print(
+                f"mask IoU with the true masks: generations {quality['iou_generations']:.3f}, "
+                f"references {quality['iou_references']:.3f}; {quality['s_per_image']:.2f} s per image"
+            )
         print(table.to_string())
-        print(f"correct label and match: {int(correct.sum())}/{len(results)}")
-        summary["runs"][masks] = {
+        print(
+            f"labelled as intended: {int(intended.sum())}/{len(results)}; "
+            f"correct label and match: {int(correct.sum())}/{len(results)}"
+        )
+        summary["runs"][run] = {
+            **quality,
             "confusion": {kind: table.loc[kind].to_dict() for kind in KINDS},
+            "intended": int(intended.sum()),
             "correct": int(correct.sum()),
             "seconds": round(seconds, 2),
             "ms_per_pair": round(1000 * seconds / pairs, 1),

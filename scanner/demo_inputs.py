@@ -1,5 +1,9 @@
 """Inputs of the built-in demos of the Ray jobs: data and models that need no download.
 
+- organism (the default): the memorization model organism, a small diffusion model trained
+  here to memorize in known places (scanner/organism), generates N images per caption of its
+  demo captions and they are scanned against its own training set (true masks); every prompt
+  carries its designed kind, so the report shows designed vs found.
 - replay: the replication set's training images become the reference store and its
   generations are replayed through every stage after generation (no model needed), one
   prompt per training image and N = 4 generations (its four kinds) per prompt.
@@ -57,6 +61,45 @@ def demo_replay(config: FullScanConfig) -> tuple[FullScanConfig, pd.DataFrame]:
         n_per_prompt=len(KINDS),
     )
     return config, items.sort_values(["prompt_id", "gen_idx"]).reset_index(drop=True)
+
+
+def demo_organism(config: FullScanConfig) -> FullScanConfig:
+    """Defaults of the organism demo (flags still win): its demo captions, N = 5, 25 DDIM steps
+    at 128 px with guidance ORGANISM_GUIDANCE, scanned at 256 px against its training set, top-8."""
+    from scanner.organism import ORGANISM_GUIDANCE, ORGANISM_WEIGHTS
+    from scanner.organism.design import TRAIN_SIZE, make_design
+    from scanner.organism.inputs import caption_table, write_training_set
+    from scanner.reference import ReferenceConfig, build_reference
+
+    root = (Path(config.out) / "organism").resolve()
+    defaults = FullScanConfig()
+    model = config.model or str(ORGANISM_WEIGHTS)
+    design = make_design()  # the committed weights were trained on this design (recipe.json)
+    prompts = config.prompts
+    if prompts == defaults.prompts:  # not chosen: the demo's captions
+        root.mkdir(parents=True, exist_ok=True)
+        table = caption_table(design)
+        prompts = str(root / "prompts.csv")
+        table[table["demo"]].to_csv(prompts, index=False)
+    reference = root / "reference"  # resumable: a finished store is reused as it is
+    build_reference(
+        write_training_set(design, root / "training"),
+        reference,
+        ReferenceConfig(size=DEMO_SIZE, min_side=TRAIN_SIZE),
+    )
+    changed = lambda name: getattr(config, name) != getattr(defaults, name)  # noqa: E731
+    return dataclasses.replace(
+        config,
+        model=model,
+        prompts=prompts,
+        reference=str(reference),
+        size=DEMO_SIZE,
+        gen_size=TRAIN_SIZE,
+        n_per_prompt=config.n_per_prompt,
+        steps=config.steps if changed("steps") else 25,
+        guidance=config.guidance if changed("guidance") else ORGANISM_GUIDANCE,
+        top_k=config.top_k if changed("top_k") else 8,
+    )
 
 
 def demo_tiny_sd(config: FullScanConfig) -> FullScanConfig:

@@ -129,10 +129,14 @@ def read_rgb(source: Source, min_side: int = MIN_SIDE) -> np.ndarray:
     return arr
 
 
-def load_image(source: Source, size: int = DEFAULT_SIZE) -> np.ndarray:
-    """Load an image as float32 3 x size x size in [0, 1] (channels first, ready for torch)."""
+def load_image(source: Source, size: int = DEFAULT_SIZE, min_side: int = MIN_SIDE) -> np.ndarray:
+    """Load an image as float32 3 x size x size in [0, 1] (channels first, ready for torch).
+
+    `min_side` guards against inventing detail by upsampling; only images whose generations are
+    upsampled the same way (the memorization organism's 128 px training set) may lower it.
+    """
     check_size(size)
-    return canonical(read_rgb(source), size).transpose(2, 0, 1).copy()
+    return canonical(read_rgb(source, min_side), size).transpose(2, 0, 1).copy()
 
 
 def load_mask(

@@ -38,12 +38,13 @@ class StageResources:
     batch_size: int = 8
 
 
+DEMOS = ("organism", "replication", "tiny-sd")
+
+
 @dataclass(frozen=True)
 class FullScanConfig:
     out: str = "scans/demo"
-    demo: str | None = (
-        None  # "replay" (replication set, no model) or "tiny-sd" (tiny offline model)
-    )
+    demo: str | None = None  # one of DEMOS (scanner/demo_inputs.py says what each is)
     model: str | None = None  # diffusers folder or model id
     prompts: str = "memorized"  # bundled set name or CSV/Parquet/text file
     prompt_limit: int | None = None  # first rows only
@@ -68,7 +69,8 @@ class FullScanConfig:
         DEFAULT_MATCH_BY  # one match per generation (DESIGN 4.2): mean, full, most-severe
     )
     region_mode: str = DEFAULT_REGION_MODE  # masked (the paper's) or pooled (docs/region-modes.md)
-    segmenter: str = "classical"
+    segmenter: str | None = None  # None: u2netp if installed, else classical (load_config)
+    u2netp: str | None = None  # a u2netp.onnx file; None: the one of the u2netp extra
     birefnet: str | None = None
     trust_remote_code: bool = False
     shard_size: int = 64  # prompts per resumable shard (times N generations)
@@ -121,14 +123,17 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> FullScanConfig:
     values["resources"] = _coerce_resources(values.get("resources"))
     config = FullScanConfig(**values)
     validate(config)
-    return config
+    # The default segmenter depends on what is installed: name it, so the manifest says which.
+    return dataclasses.replace(config, segmenter=segmenter_config(config).kind)
 
 
 def validate(config: FullScanConfig) -> None:
-    if config.demo not in (None, "replay", "tiny-sd"):
-        raise ValueError(f"demo must be 'replay' or 'tiny-sd', got {config.demo!r}")
+    if config.demo not in (None, *DEMOS):
+        raise ValueError(f"demo must be one of {', '.join(DEMOS)}; got {config.demo!r}")
     if config.demo is None and not config.model:
-        raise ValueError("give --model (a diffusers folder or model id) or --demo replay|tiny-sd")
+        raise ValueError(
+            f"give --model (a diffusers folder or model id) or --demo {'|'.join(DEMOS)}"
+        )
     if config.demo is None and not (config.reference or config.reference_images):
         raise ValueError(
             "give --reference STORE or --reference-images SRC (training images to build one from)"
@@ -145,6 +150,7 @@ def segmenter_config(config: FullScanConfig):
 
     return SegmenterConfig(
         kind=config.segmenter,
+        u2netp_path=config.u2netp,
         birefnet_path=config.birefnet,
         trust_remote_code=config.trust_remote_code,
     )

@@ -16,13 +16,27 @@ BUNDLED = {
     "memorized": "memorized_laion_prompts.csv",  # 500 prompts SD v1.4 memorizes (Webster 2023)
     "unmemorized": "unmemorized_laion_prompts.csv",  # 500 control prompts
 }
+# The memorization organism's captions (scanner/organism): all of them, and the held-out
+# unrelated ones (its non-memorized captions: NeMo's holdout statistics for the organism).
+ORGANISM_SETS = {"organism": None, "organism-holdout": "heldout-unrelated"}
 TEXT_COLUMNS = ("prompt", "caption", "Caption", "text")
 
 
 def _bundled(name: str) -> pd.DataFrame:
+    """A bundled set; its expected label goes to `designed`: the memorized set's VM/TM type
+    (verbatim / template memorization, Webster 2023), NM for the control set."""
     path = files("scanner") / "data" / BUNDLED[name]
     table = pd.read_csv(str(path), sep=";", index_col=0, keep_default_na=False)
-    return table.rename(columns={"Caption": "prompt"}).reset_index(drop=True)
+    table = table.rename(columns={"Caption": "prompt"}).reset_index(drop=True)
+    table["designed"] = table["type"] if "type" in table.columns else "NM"
+    return table
+
+
+def _organism(group: str | None) -> pd.DataFrame:
+    from scanner.organism import ORGANISM_CAPTIONS
+
+    table = pd.read_csv(ORGANISM_CAPTIONS, keep_default_na=False)
+    return table if group is None else table[table["group"] == group].reset_index(drop=True)
 
 
 def _error(message: str) -> str:
@@ -48,17 +62,20 @@ def _read_file(path: Path) -> pd.DataFrame:
 def load_prompts(spec: str, limit: int | None = None) -> pd.DataFrame:
     """Columns prompt_id (int64), prompt (str), error ("" when usable), plus source columns.
 
-    `spec` is a bundled set name (memorized, unmemorized) or a file: CSV/TSV/Parquet with a
+    `spec` is a bundled set name (memorized, unmemorized; organism, organism-holdout) or a file: CSV/TSV/Parquet with a
     prompt column (prompt, caption or text; optional prompt_id), or a text file with one
     prompt per line. `limit` keeps the first rows (for demos and dry runs).
     """
     if spec in BUNDLED:
         table = _bundled(spec)
+    elif spec in ORGANISM_SETS:
+        table = _organism(ORGANISM_SETS[spec])
     else:
         path = Path(spec)
         if not path.is_file():
             raise ValueError(
-                f"prompts {spec!r}: not a bundled set ({', '.join(BUNDLED)}) and no such file"
+                f"prompts {spec!r}: not a bundled set "
+                f"({', '.join([*BUNDLED, *ORGANISM_SETS])}) and no such file"
             )
         table = _read_file(path)
     column = next((c for c in TEXT_COLUMNS if c in table.columns), None)

@@ -21,7 +21,14 @@ import torch
 
 from scanner.driver import Progress, ShardCollector, error_row, run_local, split_shards
 from scanner.embed import EmbedConfig
-from scanner.images import DEFAULT_SIZE, check_size, decode_mask_png, encode_png, load_image
+from scanner.images import (
+    DEFAULT_SIZE,
+    MIN_SIDE,
+    check_size,
+    decode_mask_png,
+    encode_png,
+    load_image,
+)
 from scanner.segment import SegmenterConfig
 from scanner.sources import list_images
 from scanner.stages import Embed, LoadImages, Segment, error_json
@@ -40,18 +47,28 @@ class ReferenceConfig:
     exact_limit: int = (
         1_000_000  # exact inner-product index up to this many references, IVF-PQ above
     )
+    # Shorter side a training image needs. Only a store whose generations are upsampled the same
+    # way may lower it: the memorization organism's, built from its 128 px images as trained.
+    min_side: int = MIN_SIDE
 
     def __post_init__(self) -> None:
         check_size(self.size)
 
 
 def reference_items(src: str | Path):
-    """Work items of a reference build: ref_id (relative path unless given), caption, source."""
+    """Work items of a reference build: ref_id (relative path unless given), caption, source,
+    and the known foreground mask when a table gives one (column `mask`, else segmented)."""
     table = list_images(src, "caption")
     ref_ids = table["ref_id"].astype(str) if "ref_id" in table.columns else table["rel"]
-    items = table.assign(item_id=ref_ids.to_numpy(), source=table["path"])[
-        ["item_id", "caption", "source"]
+    masks = table["mask"].fillna("").astype(str) if "mask" in table.columns else ""
+    items = table.assign(item_id=ref_ids.to_numpy(), source=table["path"], mask=masks)[
+        ["item_id", "caption", "source", "mask"]
     ]
+    if "mask" in table.columns:
+        base = Path(src).parent
+        items["mask"] = [
+            str(m if not m or Path(m).is_absolute() else base / m) for m in items["mask"]
+        ]
     items = items.reset_index(drop=True)
     items["error"] = ""
     dup = items["item_id"].duplicated()
@@ -108,7 +125,11 @@ def build_reference(
     done_items = len(items) - sum(len(p) for _, p in pending)
     progress = Progress(len(items), done_items, "img", "references")
     collector = ShardCollector(tables, {s: len(p) for s, p in pending}, _reference_rows, progress)
-    stages = [LoadImages(config.size), Segment(config.segmenter), Embed(config.embed)]
+    stages = [
+        LoadImages(config.size, config.min_side),
+        Segment(config.segmenter),
+        Embed(config.embed),
+    ]
     run_local(pending, stages, config.batch_size, collector)
     seconds = progress.close()
 
@@ -132,6 +153,7 @@ def build_reference(
         "source": str(src),
         "config": resolved,
         "segmenter": stages[1].segmenter.name,
+        "given_masks": int((items["mask"] != "").sum()),  # kept as given, not segmented
         "embedder": stages[2].embedder.name,
         "index": index.kind if index is not None else None,
         "versions": package_versions(),

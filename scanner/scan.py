@@ -128,13 +128,26 @@ def reference_embed_config(manifest: dict, device: str) -> EmbedConfig:
     return EmbedConfig(**{**manifest["config"]["embed"], "device": device})
 
 
+GROUND_TRUTH = ("designed", "concept", "group")  # optional prompt columns kept in `prompts`
+
+
+def _text_or_none(value) -> str | None:
+    return str(value) if isinstance(value, str) and value else None
+
+
 def write_prompts(
     tables: ShardedTables, items: pd.DataFrame, clusters: dict[int, int] | None = None
 ) -> None:
-    prompts = items.drop_duplicates("prompt_id")[["prompt_id", "prompt"]].sort_values("prompt_id")
+    prompts = items.drop_duplicates("prompt_id").sort_values("prompt_id")
+    known = [c for c in GROUND_TRUTH if c in prompts.columns]
     rows = [
-        {"prompt_id": int(p), "prompt": str(t), "cluster_id": (clusters or {}).get(int(p))}
-        for p, t in zip(prompts["prompt_id"], prompts["prompt"])
+        {
+            "prompt_id": int(row["prompt_id"]),
+            "prompt": str(row["prompt"]),
+            "cluster_id": (clusters or {}).get(int(row["prompt_id"])),
+            **{c: _text_or_none(row[c]) for c in known},
+        }
+        for _, row in prompts.iterrows()
     ]
     tables.write_shard(PROMPTS_SHARD, {"prompts": rows})
 
@@ -179,6 +192,7 @@ def scan_images(
         "config": resolved,
         "backends": {
             "segmenter": segment.segmenter.name,
+            "reference_segmenter": match.refs.manifest.get("segmenter"),
             "embedder": embed.embedder.name,
             "reference_embedder": match.refs.manifest.get("embedder"),
         },

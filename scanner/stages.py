@@ -28,7 +28,15 @@ from scanner.fbmem import (
     score_pairs,
     select_matches,
 )
-from scanner.images import ImageError, canonical, encode_png, load_image
+from scanner.images import (
+    MIN_SIDE,
+    ImageError,
+    canonical,
+    encode_png,
+    image_hw,
+    load_image,
+    load_mask,
+)
 from scanner.scoring import DEFAULT_REGION_MODE
 
 Batch = dict[str, np.ndarray]
@@ -51,21 +59,32 @@ def to_float(images: np.ndarray) -> np.ndarray:
 
 
 class LoadImages:
-    """Reads image files (column `source`) at the canonical size: the replay of a scan."""
+    """Reads image files (column `source`) at the canonical size: the replay of a scan.
 
-    def __init__(self, size: int):
-        self.size = size
+    A row may also name a known foreground mask (column `mask`, "" for none): it is loaded with
+    the image, `mask_given` marks it, and the segment stage keeps it.
+    """
+
+    def __init__(self, size: int, min_side: int = MIN_SIDE):
+        self.size, self.min_side = size, min_side
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["source"])
         images = np.zeros((n, 3, self.size, self.size), dtype=np.uint8)
+        masks = np.zeros((n, self.size, self.size), dtype=bool)
+        given = np.zeros(n, dtype=bool)
         errors = batch["error"].copy()
+        mask_sources = batch.get("mask", np.full(n, "", dtype=object))
         for i in ok_rows(batch):
             try:
-                images[i] = to_uint8(load_image(str(batch["source"][i]), self.size))
+                source = str(batch["source"][i])
+                images[i] = to_uint8(load_image(source, self.size, self.min_side))
+                if mask_sources[i]:
+                    masks[i] = load_mask(str(mask_sources[i]), self.size, image_hw(source))
+                    given[i] = True
             except ImageError as exc:
                 errors[i] = error_json("load", exc)
-        return {**batch, "image": images, "error": errors}
+        return {**batch, "image": images, "fg_mask": masks, "mask_given": given, "error": errors}
 
 
 class Generate:
@@ -127,7 +146,8 @@ class Generate:
 
 
 class Segment:
-    """Foreground masks and fractions (Algorithm 1's S_f and p)."""
+    """Foreground masks and fractions (Algorithm 1's S_f and p); masks given with the images
+    (`mask_given`, see LoadImages) are kept."""
 
     def __init__(self, config):
         from scanner.segment import make_segmenter
@@ -136,9 +156,14 @@ class Segment:
 
     def __call__(self, batch: Batch) -> Batch:
         images = batch["image"]
-        masks = np.zeros((len(images), *images.shape[2:]), dtype=bool)
+        given = batch.get("mask_given", np.zeros(len(images), dtype=bool))
+        masks = (
+            batch["fg_mask"].copy()
+            if given.any()
+            else np.zeros((len(images), *images.shape[2:]), dtype=bool)
+        )
         errors = batch["error"].copy()
-        rows = ok_rows(batch)
+        rows = np.setdiff1d(ok_rows(batch), np.flatnonzero(given))
         if len(rows):
             masks[rows] = self.segmenter(to_float(images[rows]))
         return {

@@ -23,7 +23,16 @@ import pyarrow.parquet as pq
 
 SCHEMAS: dict[str, pa.Schema] = {
     "prompts": pa.schema(
-        [("prompt_id", pa.int64()), ("prompt", pa.string()), ("cluster_id", pa.int64())]
+        [
+            ("prompt_id", pa.int64()),
+            ("prompt", pa.string()),
+            ("cluster_id", pa.int64()),
+            # Optional ground truth of the prompt source (null when it has none): the expected
+            # label (VM/FM/BM/NM; the bundled LAION set's VM/TM type), its concept and group.
+            ("designed", pa.string()),
+            ("concept", pa.string()),
+            ("group", pa.string()),
+        ]
     ),
     "generations": pa.schema(
         [
@@ -85,6 +94,15 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
     "neuron_sets": pa.schema(
         [("prompt_id", pa.int64()), ("layer", pa.int32()), ("channel", pa.int32())]
+    ),
+    "published_sets": pa.schema(
+        [
+            ("prompt_id", pa.int64()),
+            ("method", pa.string()),
+            ("authors_cluster", pa.int64()),
+            ("status", pa.string()),
+            ("neurons", pa.int64()),
+        ]
     ),
     "references": pa.schema(
         [
@@ -178,6 +196,13 @@ class ShardedTables:
                 else SCHEMAS[table].empty_table().select(columns)
             )
         return pa.concat_tables(pq.read_table(p, columns=columns) for p in parts)
+
+    def present(self, table: str, columns: list[str]) -> list[str]:
+        """The ones of `columns` this directory's `table` has (scans written before a column
+        existed lack it)."""
+        parts = self.parts(table)
+        names = set(pq.read_schema(parts[0]).names if parts else SCHEMAS[table].names)
+        return [c for c in columns if c in names]
 
     def count(self, table: str) -> int:
         return sum(pq.ParquetFile(p).metadata.num_rows for p in self.parts(table))

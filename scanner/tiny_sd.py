@@ -31,11 +31,13 @@ _CONTEXT = 77  # SD v1's CLIP context length: prompts are padded to it
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def _byte_vocab() -> dict[str, int]:
-    """Every byte as a token, alone and word-final, so any prompt tokenizes without merges."""
+def byte_tokenizer(context: int = _CONTEXT) -> CLIPTokenizer:
+    """A CLIP tokenizer whose vocabulary is every byte, alone and word-final, so any prompt
+    tokenizes without merges and without a vocabulary file."""
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + [_BOS, _EOS]
-    return {token: i for i, token in enumerate(tokens)}
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=context)
 
 
 def _tiny_unet() -> UNet2DConditionModel:
@@ -61,22 +63,22 @@ def _tiny_vae() -> AutoencoderKL:
     )
 
 
-def _tiny_text_encoder(vocab: dict[str, int]) -> CLIPTextModel:
+def _tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     config = CLIPTextConfig(
-        vocab_size=len(vocab),
+        vocab_size=len(tokenizer),
         hidden_size=_TEXT_DIM,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=_CONTEXT,
-        bos_token_id=vocab[_BOS],
-        eos_token_id=vocab[_EOS],
-        pad_token_id=vocab[_EOS],  # SD v1's tokenizer pads with <|endoftext|>
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,  # SD v1's tokenizer pads with <|endoftext|>
     )
     return CLIPTextModel(config)
 
 
-def _tiny_scheduler() -> DDIMScheduler:
+def sd_v1_scheduler() -> DDIMScheduler:
     # SD v1's noise schedule (scaled_linear, 0.00085..0.012 over 1000 steps).
     return DDIMScheduler(
         beta_start=0.00085,
@@ -94,19 +96,18 @@ def build_tiny_pipeline(out_dir: str | PathLike, seed: int = 0) -> Path:
     The same seed gives bit-identical weights; the global torch RNG is left as it was.
     """
     out = Path(out_dir)
-    vocab = _byte_vocab()
+    tokenizer = byte_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = _tiny_unet()
         vae = _tiny_vae()
-        text_encoder = _tiny_text_encoder(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_CONTEXT)
+        text_encoder = _tiny_text_encoder(tokenizer)
     pipeline = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        scheduler=_tiny_scheduler(),
+        scheduler=sd_v1_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -97,6 +97,36 @@ def test_one_to_many_matches_hand_counts(labels):
     assert table.loc["none", "prompts"].sum() == 3
 
 
+def test_one_to_many_counting_nm_as_the_authors_script(labels):
+    """Per prompt, distinct refs over all 5 generations (RUNS above, counted by hand):
+    none: p1 {r1, r2, r3} -> 3; p2 {ra, r7, r8, r9} -> 4; p3 {r1..r5} -> 5; p4 {r4, r5, r1, r2}
+    -> 4. nemo_c: p1 {r1, r2, r3} -> 3; p2 {ra} -> 1."""
+    table = one_to_many(labels, N, count_nm=True).set_index(["method", "distinct_refs"])
+    cols = ["prompts", "VM", "FM", "BM", "NM", "generations"]
+    assert table.loc[("none", 1), cols].tolist() == [0, 0, 0, 0, 0, 0]
+    assert table.loc[("none", 2), cols].tolist() == [0, 0, 0, 0, 0, 0]
+    assert table.loc[("none", 3), cols].tolist() == [1, 3, 1, 1, 0, 5]
+    assert table.loc[("none", 4), cols].tolist() == [2, 2, 1, 1, 6, 10]
+    assert table.loc[("none", 5), cols].tolist() == [1, 0, 0, 0, 5, 5]
+    assert table.loc[("nemo_c", 1), cols].tolist() == [1, 0, 0, 0, 5, 5]
+    assert table.loc[("nemo_c", 3), cols].tolist() == [1, 0, 0, 1, 4, 5]
+    assert table.loc["none", "prompts"].sum() == 4  # every prompt has a category now
+    assert "NM" not in one_to_many(labels, N).columns  # the paper's default counts no NM
+
+
+def test_one_to_many_counting_nm_skips_nm_generations_without_a_match(labels):
+    labels.loc[(labels["prompt_id"] == 3) & (labels["method"] == "none"), "ref_id"] = [
+        None,
+        "r2",
+        "r3",
+        "r4",
+        "r5",
+    ]
+    table = one_to_many(labels, N, count_nm=True).set_index(["method", "distinct_refs"])
+    assert table.loc[("none", 5), "prompts"] == 0
+    assert table.loc[("none", 4), ["prompts", "NM"]].tolist() == [3, 6 + 4]
+
+
 def test_one_to_many_rejects_n_below_generations_per_prompt(labels):
     with pytest.raises(ValueError, match="n must be at least"):
         one_to_many(labels, 4)
@@ -135,6 +165,17 @@ def test_cluster_one_to_many(labels, prompts):
     assert table.loc[("none", 0, 3), cols].tolist() == [1, 3, 1, 1]
     assert table.loc[("none", 1, 2), cols].tolist() == [1, 0, 1, 1]
     assert table.loc[("none", 1, 3), cols].tolist() == [0, 0, 0, 0]
+
+
+def test_cluster_one_to_many_counting_nm(labels, prompts):
+    table = cluster_one_to_many(labels, prompts, N, count_nm=True).set_index(
+        ["method", "cluster_id", "distinct_refs"]
+    )
+    cols = ["prompts", "VM", "FM", "BM", "NM"]
+    assert table.loc[("none", 0, 3), cols].tolist() == [1, 3, 1, 1, 0]  # prompt 1
+    assert table.loc[("none", 0, 4), cols].tolist() == [1, 2, 0, 0, 3]  # prompt 2
+    assert table.loc[("none", 1, 4), cols].tolist() == [1, 0, 1, 1, 3]  # prompt 4
+    assert table.loc[("none", 1, 5), cols].tolist() == [1, 0, 0, 0, 5]  # prompt 3
 
 
 def test_cluster_counts_reject_unclustered_prompt(labels, prompts):
@@ -221,6 +262,10 @@ def test_summarize_reads_only_small_columns(tmp_path, labels, prompts, monkeypat
         ("nemo_c", 0),
     }
     assert summary["top_references"][0]["ref_id"] == "r1"
+    assert summary["one_to_many_counts_nm"] is False
+    authors = summarize(tmp_path, count_nm=True)
+    assert authors["one_to_many_counts_nm"] is True and "NM" in authors["one_to_many_note"]
+    assert [r["NM"] for r in authors["one_to_many"] if r["method"] == "none"] == [0, 0, 0, 6, 5]
     assert sorted((e["stage"], e["error_type"], e["count"]) for e in summary["errors"]) == [
         ("load", "ImageError", 2),
         ("prompt", "ValueError", 1),

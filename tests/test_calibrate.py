@@ -23,6 +23,7 @@ from scanner.images import load_image
 from scanner.reference import ReferenceConfig, build_reference
 from scanner.replication import build_replication_set
 from scanner.scan import ScanConfig, scan_images
+from scanner.segment import SegmenterConfig
 
 SIZE = 192
 HUMAN = {"verbatim": "VM", "foreground": "TM", "background": "TM", "unrelated": "NM"}
@@ -89,9 +90,14 @@ def replication(tmp_path_factory):
     refs[["ref_id", "path", "caption"]].to_csv(root / "refs.csv", index=False)
     gens = manifest.assign(path=manifest["gen"], gen_idx=0, prompt_id=range(len(manifest)))
     gens[["path", "prompt", "prompt_id", "gen_idx"]].to_csv(root / "gens.csv", index=False)
-    build_reference(root / "refs.csv", root / "store", ReferenceConfig(size=SIZE))
+    classical = SegmenterConfig(kind="classical")  # calibration, not segmentation: the fast one
+    build_reference(
+        root / "refs.csv", root / "store", ReferenceConfig(size=SIZE, segmenter=classical)
+    )
     scan_images(
-        root / "gens.csv", root / "scan", ScanConfig(reference=str(root / "store"), top_k=1)
+        root / "gens.csv",
+        root / "scan",
+        ScanConfig(reference=str(root / "store"), top_k=1, segmenter=classical),
     )
     manifest["gen_id"] = [f"{i}:0" for i in range(len(manifest))]
     manifest["human"] = manifest["kind"].map(HUMAN)

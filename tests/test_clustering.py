@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from scanner.clustering import cluster_prompts, run_cluster_command, typical_prompts
+from scanner.clustering import (
+    SDTokenStates,
+    cluster_prompts,
+    run_cluster_command,
+    typical_prompts,
+)
 from scanner.embed import EmbedConfig, make_text_embedder
 from scanner.prompts import load_prompts
 
@@ -52,7 +59,7 @@ def test_recovers_a_known_partition_with_stable_numbering():
     assert list(clusters.columns) == ["prompt_id", "prompt", "cluster_id", "distance"]
     assert clusters["prompt_id"].tolist() == prompts["prompt_id"].tolist()  # input order
     assert dict(zip(clusters["prompt_id"], clusters["cluster_id"])) == expected
-    assert clusters.attrs == {"text_encoder": "table", "k": 3, "seed": 0}
+    assert clusters.attrs == {"text_encoder": "table", "method": "default", "k": 3, "seed": 0}
 
 
 def test_numbering_does_not_depend_on_row_order_or_seed():
@@ -195,3 +202,128 @@ def test_cluster_command_writes_parquet_and_prints(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "6 prompts in 2 clusters" in printed and "1 left out for errors" in printed
     assert "cluster 0: 3 prompts" in printed and "cluster 1: 3 prompts" in printed
+
+
+# ----------------------------------------------------------------- the authors' recipe
+
+
+def test_sd_token_states_are_the_text_encoders_flattened_states(tiny_sd_dir, one_thread):
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    texts = ["a red chair", "Shaw Floors Value Collections", "x" * 300]  # the last is truncated
+    states = SDTokenStates(str(tiny_sd_dir), batch_size=2)(texts)
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_dir, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(tiny_sd_dir, subfolder="text_encoder").eval()
+    with torch.no_grad():
+        for text, row in zip(texts, states):
+            ids = tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
+            expected = encoder(torch.tensor([ids]))[0][0]  # (77, 32), one prompt at a time
+            np.testing.assert_allclose(row, expected.flatten().numpy(), atol=1e-5)
+    assert states.shape == (3, 77 * 32) and states.dtype == np.float32
+    with pytest.raises(ValueError, match="tokenizer/ and text_encoder/"):
+        SDTokenStates(str(tiny_sd_dir / "unet"))
+
+
+def test_authors_recipe_recovers_prompts_that_encode_the_same(tiny_sd_dir, one_thread):
+    """Case and whitespace variants tokenize alike (CLIP lowercases, collapses spaces), so
+    their states are equal: three distinct texts, four spellings each, must give 3 clusters."""
+    groups = ["a red chair", "Shaw Floors Marble Gray", "mountain bike"]
+    spellings = [str.lower, str.upper, str.title, lambda t: "  " + t.replace(" ", "   ")]
+    texts = [spell(g) for spell in spellings for g in groups]
+    prompts = pd.DataFrame({"prompt_id": range(100, 112), "prompt": texts})
+    clusters = cluster_prompts(
+        prompts, k=3, embedder=SDTokenStates(str(tiny_sd_dir)), method="authors"
+    )
+    group_of = {pid: i % 3 for i, pid in enumerate(range(100, 112))}
+    partition = {frozenset(p for p in group_of if group_of[p] == g) for g in range(3)}
+    found = {frozenset(rows["prompt_id"]) for _, rows in clusters.groupby("cluster_id")}
+    assert found == partition
+    np.testing.assert_allclose(clusters["distance"], 0.0, atol=1e-5)  # members equal centroids
+    assert clusters.attrs["method"] == "authors" and clusters.attrs["seed"] == 1
+
+
+def test_authors_recipe_is_sklearn_kmeans_on_the_raw_states(tiny_sd_dir, one_thread):
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    texts = load_prompts("memorized", limit=40)["prompt"].tolist()
+    prompts = pd.DataFrame({"prompt_id": range(40), "prompt": texts})
+    embedder = SDTokenStates(str(tiny_sd_dir))
+    clusters = cluster_prompts(prompts, k=6, embedder=embedder, method="authors")
+    # the authors' call, as in their script: no normalization, max_iter 500, random_state 1
+    oracle = KMeans(n_clusters=6, max_iter=500, random_state=1, n_init=1).fit(embedder(texts))
+    assert adjusted_rand_score(oracle.labels_, clusters["cluster_id"]) == 1.0
+
+
+class FixedStates(SDTokenStates):
+    """Designed 'token states' (no model): only the vectors matter to the recipe."""
+
+    def __init__(self, vectors: dict[str, tuple[float, float]]) -> None:
+        self._vectors, self.name, self.dim = vectors, "fixed", 2
+
+    def __call__(self, texts):
+        return np.array([self._vectors[t] for t in texts], dtype=np.float32)
+
+
+def test_authors_recipe_keeps_magnitudes_the_default_normalizes_away():
+    """Two near-parallel directions at two magnitudes: raw vectors split by magnitude (what
+    the authors clustered), unit vectors by direction (the project's default)."""
+    vectors = {"a": (1.0, 0.1), "b": (1.0, -0.1), "c": (10.0, 1.0), "d": (10.0, -1.0)}
+    prompts = pd.DataFrame({"prompt_id": [1, 2, 3, 4], "prompt": list("abcd")})
+
+    def partition(method):
+        found = cluster_prompts(prompts, k=2, embedder=FixedStates(vectors), method=method)
+        return {frozenset(rows["prompt"]) for _, rows in found.groupby("cluster_id")}
+
+    assert partition("authors") == {frozenset("ab"), frozenset("cd")}
+    assert partition("default") == {frozenset("ac"), frozenset("bd")}
+
+
+def test_authors_method_needs_the_sd_model(tiny_sd_dir, tmp_path):
+    prompts, embedder, _ = three_groups()
+    with pytest.raises(ValueError, match="pass embedder=SDTokenStates"):
+        cluster_prompts(prompts, k=3, embedder=embedder, method="authors")
+    with pytest.raises(ValueError, match="unknown clustering method 'tfidf'"):
+        cluster_prompts(prompts, k=3, embedder=embedder, method="tfidf")
+    with pytest.raises(ValueError, match="give --model SD_FOLDER"):
+        run_cluster_command("memorized", 12, None, tmp_path / "c.parquet", method="authors")
+    with pytest.raises(ValueError, match="--model is for --method authors"):
+        run_cluster_command("memorized", 12, None, tmp_path / "c.parquet", model="x")
+    from scanner.cli import main
+
+    code = main(["cluster", "memorized", "--method", "authors", "--out", str(tmp_path / "c.pq")])
+    assert code == 2 and not (tmp_path / "c.pq").exists()
+
+
+def test_cluster_command_with_the_authors_recipe(tiny_sd_dir, tmp_path, capsys, one_thread):
+    source = tmp_path / "prompts.txt"
+    source.write_text("a red chair\nA RED CHAIR\nmountain bike\nMountain  Bike\n")
+    out = tmp_path / "clusters.parquet"
+    clusters = run_cluster_command(
+        str(source), 2, None, out, method="authors", model=str(tiny_sd_dir)
+    )
+    assert pd.read_parquet(out).attrs["text_encoder"] == f"sd-token-states:{tiny_sd_dir}"
+    assert clusters["cluster_id"].tolist() in ([0, 0, 1, 1], [1, 1, 0, 0])
+    assert "4 prompts in 2 clusters (method authors" in capsys.readouterr().out
+
+
+SD14 = os.environ.get("FBMEM_SD14_PATH")
+
+
+@pytest.mark.weights
+@pytest.mark.skipif(not SD14, reason="set FBMEM_SD14_PATH to a local SD v1.4 diffusers folder")
+def test_authors_recipe_agrees_with_the_published_assignment():
+    """The 500 memorized prompts with SD v1.4's own text encoder against the authors' clusters."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from scanner.mitigation.published import load_published
+
+    prompts = load_prompts("memorized")
+    clusters = cluster_prompts(prompts, k=12, embedder=SDTokenStates(SD14), method="authors")
+    published = load_published().prompts
+    assert clusters["prompt"].tolist() == published["caption"].tolist()  # same rows, same order
+    ari = adjusted_rand_score(published["cluster"], clusters["cluster_id"])
+    print(f"adjusted Rand index against the authors' assignment: {ari:.4f}")
+    assert ari >= 0.9

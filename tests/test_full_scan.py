@@ -115,7 +115,9 @@ def run_job(command: list[str], log: Path) -> None:
 
 
 def write_config(path: Path, values: dict) -> Path:
-    path.write_text(yaml.safe_dump(values))
+    # The job's plumbing, not segmentation: the fast weightless segmenter unless a test says
+    # otherwise (u2netp, the default, runs end to end in test_mitigate_job.py).
+    path.write_text(yaml.safe_dump({"segmenter": "classical", **values}))
     return path
 
 
@@ -160,7 +162,7 @@ def replay_config(tmp_path_factory) -> Path:
 
 
 def replay_command(out: Path, config: Path) -> list[str]:
-    return job_command(out, "--demo", "replay", "--config", str(config))
+    return job_command(out, "--demo", "replication", "--config", str(config))
 
 
 @pytest.fixture(scope="module")
@@ -420,6 +422,7 @@ def test_corrupt_truncated_and_empty_images_land_in_errors(tmp_path):
     from skimage import data
 
     from scanner.reference import ReferenceConfig, build_reference
+    from scanner.segment import SegmenterConfig
 
     refs = tmp_path / "refs"
     refs.mkdir()
@@ -427,7 +430,8 @@ def test_corrupt_truncated_and_empty_images_land_in_errors(tmp_path):
     for name, pixels in photos.items():
         Image.fromarray(pixels).save(refs / f"{name}.png")
     store = tmp_path / "store"
-    build_reference(refs, store, ReferenceConfig(size=192))
+    classical = SegmenterConfig(kind="classical")  # error rows, not segmentation
+    build_reference(refs, store, ReferenceConfig(size=192, segmenter=classical))
 
     gens = tmp_path / "gens"
     gens.mkdir()
@@ -438,7 +442,9 @@ def test_corrupt_truncated_and_empty_images_land_in_errors(tmp_path):
     (gens / "d_empty.png").write_bytes(b"")
 
     out = tmp_path / "scan"
-    manifest = scan_images(gens, out, ScanConfig(reference=str(store), top_k=0))
+    manifest = scan_images(
+        gens, out, ScanConfig(reference=str(store), top_k=0, segmenter=classical)
+    )
 
     assert manifest["rows"] == {
         "prompts": 4,

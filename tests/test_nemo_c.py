@@ -94,11 +94,26 @@ def test_nemo_c_needs_clusters_covering_the_prompts():
         ("nemo-c:alpha=0.20", Method("nemo-c", 0.2), "nemo-c:alpha=0.2"),
         ("nemo-c:alpha=0", Method("nemo-c", 0.0), "nemo-c"),
         ("nemo:alpha=1", Method("nemo", 1.0), "nemo:alpha=1"),
+        ("nemo-c:published", Method("nemo-c", 0.0, True), "nemo-c:published"),
+        ("nemo:published", Method("nemo", 0.0, True), "nemo:published"),
+        (
+            "nemo-c:published:alpha=0.10",
+            Method("nemo-c", 0.1, True),
+            "nemo-c:published:alpha=0.1",
+        ),
     ],
 )
 def test_parse_method(name, method, canonical):
     assert parse_method(name) == method
     assert parse_method(name).name == canonical
+    assert parse_method(canonical) == method  # the stored name reads back as the same method
+
+
+def test_only_localized_methods_need_localization():
+    needs = {m: parse_method(m).needs_localization for m in ("none", "nemo", "nemo-c:alpha=0.1")}
+    assert needs == {"none": False, "nemo": True, "nemo-c:alpha=0.1": True}
+    assert not parse_method("nemo-c:published").needs_localization
+    assert not parse_method("nemo:published:alpha=0.2").needs_localization
 
 
 @pytest.mark.parametrize(
@@ -111,7 +126,10 @@ def test_parse_method(name, method, canonical):
         ("nemo-c:alpha=x", "alpha 'x' is not a number"),
         ("nemo-c:alpha=1.5", r"alpha must be in \[0, 1\], got 1.5"),
         ("nemo-c:alpha=nan", r"alpha must be in \[0, 1\]"),
-        ("none:alpha=0.1", "takes no alpha"),
+        ("none:alpha=0.1", "no :published, no alpha"),
+        ("none:published", "no :published, no alpha"),
+        ("nemo-c:alpha=0.1:published", "unknown method"),  # options in one order only
+        ("nemo-c:publish", "unknown method"),
     ],
 )
 def test_parse_method_rejects(name, message):

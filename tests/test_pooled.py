@@ -301,11 +301,11 @@ def test_full_scan_config_takes_the_region_mode():
 
     _, overrides, _ = job.parse_args(["--region-mode", "pooled"])
     assert load_config(None, overrides).region_mode == "pooled"
-    assert load_config(None, {"demo": "replay"}).region_mode == "masked"
+    assert load_config(None, {"demo": "replication"}).region_mode == "masked"
     with pytest.raises(ValueError, match="SSCD"):
-        load_config(None, {"demo": "replay", "region_mode": "pooled", "metric": "sscd"})
+        load_config(None, {"demo": "replication", "region_mode": "pooled", "metric": "sscd"})
     with pytest.raises(ValueError, match="region_mode"):
-        load_config(None, {"demo": "replay", "region_mode": "soft"})
+        load_config(None, {"demo": "replication", "region_mode": "soft"})
 
 
 def test_holdout_background_copies_need_pooled_mode(tmp_path):

@@ -136,7 +136,8 @@ def test_job_submit_runs_the_demo_on_a_token_protected_head(ray_head, tmp_path):
     )
 
     config = tmp_path / "demo.yaml"
-    config.write_text("report: false\ntop_k: 2\n")  # the report is tested on its own
+    # The report is tested on its own; the weightless segmenter keeps the job short.
+    config.write_text("report: false\ntop_k: 2\nsegmenter: classical\n")
     out = tmp_path / "scan"
     submit = [
         str(VENV_BIN / "ray"),
@@ -152,7 +153,7 @@ def test_job_submit_runs_the_demo_on_a_token_protected_head(ray_head, tmp_path):
         "python",
         "jobs/full_scan.py",
         "--demo",
-        "replay",
+        "replication",
         "--config",
         str(config),
         "--out",

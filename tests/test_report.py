@@ -227,6 +227,7 @@ def test_report_files_and_summary(scan):
     assert summary["distribution"]["none"]["NM"] == 12 - 8
     assert summary["distribution"]["nemo_c"]["total"] == 12
     html = page.read_text()
+    assert "segmenter classical" in html  # the header names what made the masks
     assert "<limited print>" not in html  # prompt text is data, never markup
     assert "&lt;limited print&gt;" in html
     assert "http://" not in html and "https://" not in html  # nothing fetched from a network
@@ -299,6 +300,23 @@ def test_mitigation_tradeoff_when_present(scan, tmp_path):
     assert len(gallery_data(page)["cards"]) == 2
 
 
+def test_report_counting_nm_as_the_authors_script(scan, tmp_path):
+    scan_dir, _, _ = scan
+    copy = tmp_path / "scan"
+    shutil.copytree(scan_dir, copy)
+    from scanner.cli import main
+
+    assert main(["report", str(copy), "--count-nm"]) == 0
+    summary = json.loads((copy / "report" / "summary.json").read_text())
+    assert summary["one_to_many_counts_nm"] is True
+    rows = [r for r in summary["one_to_many"] if r["method"] == "none"]
+    assert sum(r["generations"] for r in rows) == 12  # all 4 prompts x N = 3, NM included
+    assert sum(r["NM"] for r in rows) == 12 - 8
+    html = (copy / "report" / "index.html").read_text()
+    section = html[html.index('id="one-to-many"') :]
+    assert "as the FB-Mem authors" in section and ">NM</th>" in section.split("</table>")[0]
+
+
 def test_report_of_scan_without_memorization(scan, tmp_path):
     scan_dir, _, _ = scan
     tables = ShardedTables(tmp_path, ["prompts", "generations", "matches", "labels", "errors"])
@@ -325,6 +343,25 @@ def test_report_of_scan_without_memorization(scan, tmp_path):
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["clusters"] is None and summary["top_references"] == []
     assert [r["prompts"] for r in summary["one_to_many"]] == [0, 0, 0]  # N = 3 categories
+
+
+@pytest.mark.parametrize(
+    ("manifest", "shown"),
+    [
+        ({"backends": {"segmenter": "u2netp:w", "reference_segmenter": "u2netp:w"}}, "u2netp:w"),
+        (
+            {"backends": {"segmenter": "u2netp:w", "reference_segmenter": "classical-v1"}},
+            "u2netp:w (training images: classical-v1)",
+        ),
+        ({"config": {"segmenter": "classical"}}, "classical"),  # a full scan's config
+        ({"config": {"segmenter": {"kind": "birefnet"}}}, "birefnet"),
+        ({}, "not recorded"),
+    ],
+)
+def test_header_names_the_segmenter(manifest, shown):
+    from scanner.report.html import _segmenter
+
+    assert _segmenter(manifest) == shown
 
 
 def test_quality_drop_direction():

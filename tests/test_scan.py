@@ -10,7 +10,12 @@ import pytest
 from scanner.reference import ReferenceConfig, ReferenceStore, build_reference
 from scanner.replication import build_replication_set
 from scanner.scan import ScanConfig, scan_images
+from scanner.segment import SegmenterConfig
 from scanner.store import ShardedTables
+
+# Scan plumbing, not segmentation: the fast weightless segmenter (u2netp, the default, is
+# tested in test_segment.py and end to end in test_mitigate_job.py and test_compare_cli.py).
+CLASSICAL = SegmenterConfig(kind="classical")
 
 SIZE = 192
 
@@ -30,7 +35,9 @@ def replication(tmp_path_factory):
 def store(replication, tmp_path_factory):
     root, _ = replication
     out = tmp_path_factory.mktemp("ref") / "store"
-    build_reference(root / "refs.csv", out, ReferenceConfig(size=SIZE, shard_size=4))
+    build_reference(
+        root / "refs.csv", out, ReferenceConfig(size=SIZE, shard_size=4, segmenter=CLASSICAL)
+    )
     return out
 
 
@@ -63,11 +70,15 @@ def test_interrupted_build_resumes_to_the_same_table(replication, store, tmp_pat
 
     monkeypatch.setattr(ShardedTables, "write_shard", crash_after_first)
     with pytest.raises(KeyboardInterrupt):
-        build_reference(root / "refs.csv", out, ReferenceConfig(size=SIZE, shard_size=4))
+        build_reference(
+            root / "refs.csv", out, ReferenceConfig(size=SIZE, shard_size=4, segmenter=CLASSICAL)
+        )
     monkeypatch.setattr(ShardedTables, "write_shard", real_write)
     first_shard = out / "references" / f"{calls[0]}.parquet"
     mtime = first_shard.stat().st_mtime_ns
-    build_reference(root / "refs.csv", out, ReferenceConfig(size=SIZE, shard_size=4))
+    build_reference(
+        root / "refs.csv", out, ReferenceConfig(size=SIZE, shard_size=4, segmenter=CLASSICAL)
+    )
     assert first_shard.stat().st_mtime_ns == mtime  # not redone
     assert _table(out, "references").equals(_table(store, "references"))
 
@@ -75,7 +86,9 @@ def test_interrupted_build_resumes_to_the_same_table(replication, store, tmp_pat
 def test_changed_config_refuses_to_resume(replication, store):
     root, _ = replication
     with pytest.raises(ValueError, match="another configuration"):
-        build_reference(root / "refs.csv", store, ReferenceConfig(size=SIZE, shard_size=5))
+        build_reference(
+            root / "refs.csv", store, ReferenceConfig(size=SIZE, shard_size=5, segmenter=CLASSICAL)
+        )
 
 
 def test_unreadable_images_go_to_errors(replication, tmp_path):
@@ -89,7 +102,7 @@ def test_unreadable_images_go_to_errors(replication, tmp_path):
     (folder / "cut.png").write_bytes((root / "references" / "r03.png").read_bytes()[:300])
     (folder / "text.jpg").write_text("not an image")
     out = tmp_path / "store"
-    manifest = build_reference(folder, out, ReferenceConfig(size=SIZE))
+    manifest = build_reference(folder, out, ReferenceConfig(size=SIZE, segmenter=CLASSICAL))
     refs, errors = _table(out, "references"), _table(out, "errors")
     assert refs["ref_id"].tolist() == ["r01.png", "r02.png"]
     assert refs["caption"].tolist() == ["caption from a sidecar", ""]
@@ -112,7 +125,9 @@ def scans(replication, store, tmp_path_factory):
     for k in (0, 4):
         out[k] = base / f"k{k}"
         scan_images(
-            root / "gens.csv", out[k], ScanConfig(reference=str(store), top_k=k, shard_size=12)
+            root / "gens.csv",
+            out[k],
+            ScanConfig(reference=str(store), top_k=k, shard_size=12, segmenter=CLASSICAL),
         )
     return out
 
@@ -147,7 +162,9 @@ def test_rescan_is_a_no_op_and_identical(scans, replication, store):
     root, _ = replication
     before = _table(scans[4], "labels")
     manifest = scan_images(
-        root / "gens.csv", scans[4], ScanConfig(reference=str(store), top_k=4, shard_size=12)
+        root / "gens.csv",
+        scans[4],
+        ScanConfig(reference=str(store), top_k=4, shard_size=12, segmenter=CLASSICAL),
     )
     assert manifest["generations_this_run"] == 0
     assert _table(scans[4], "labels").equals(before)

@@ -2,8 +2,9 @@
 
 Holdout statistics are what the search measures outliers against. For SD v1.4 NeMo's own
 (50,000 LAION prompts) ship with the package; for any other model they are computed here
-from the bundled non-memorized prompts, with the same code path NeMo uses (mean |to_v| over
-the 77 tokens, per neuron).
+from a set of non-memorized prompts (the bundled LAION controls by default, the organism's
+held-out captions for the organism), with the same code path NeMo uses (mean |to_v| over the
+77 tokens, per neuron).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ Statistics = Literal["holdout", "sd-v1.4"]
 class LocalizeConfig:
     model: str  # diffusers folder or model id (the model to mitigate)
     statistics: Statistics = "holdout"  # computed here, or NeMo's shipped SD v1.4 file
-    holdout_prompts: int = 500  # bundled non-memorized prompts used for "holdout" statistics
+    holdout: str = "unmemorized"  # non-memorized prompts for "holdout" statistics (a prompt set)
+    holdout_prompts: int = 500  # how many of them
     signal: SignalConfig = field(default_factory=SignalConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     device: str = "cpu"
@@ -74,7 +76,7 @@ class Localize:
         if config.statistics == "sd-v1.4":
             self.means, self.stds = shipped_statistics(sizes)
         elif config.statistics == "holdout":
-            holdout = load_prompts("unmemorized", config.holdout_prompts)["prompt"].tolist()
+            holdout = load_prompts(config.holdout, config.holdout_prompts)["prompt"].tolist()
             with torch.no_grad():
                 emb = text_embeddings(self.tokenizer, self.text_encoder, holdout)
             self.means, self.stds = holdout_statistics(prompt_activations(pipe.unet, emb))

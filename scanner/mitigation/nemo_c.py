@@ -12,11 +12,16 @@ Tables (Parquet; the column names are the interface):
 - `localizations`: one row per prompt that went through NeMo: `prompt_id` int64, `memorized`
   bool, `unet_calls` int64. It tells "localized, nothing found" from "never localized",
   which `neuron_sets` alone cannot, and it is where the per-prompt cost is counted.
+- `published_sets`: for the `:published` methods, which take the FB-Mem authors' SD v1.4
+  sets instead of localizing (`scanner.mitigation.published`): one row per (prompt, method):
+  `prompt_id` int64, `method`, `authors_cluster` int64 (-1 outside the authors' 500 prompts),
+  `status` (`published`, `no-set`, `unknown-prompt`), `neurons` int64 (how many it gets).
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -24,6 +29,11 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
+from scanner.mitigation.published import (
+    PublishedCoverageWarning,
+    coverage_warning,
+    lookup_published,
+)
 from scanner.mitigation.search import Neuron
 
 if TYPE_CHECKING:  # signal imports torch and diffusers; the aggregation needs neither
@@ -37,8 +47,11 @@ NEURON_COLUMNS = list(NEURON_DTYPES)
 
 MethodKind = Literal["none", "nemo", "nemo-c"]
 METHOD_KINDS: tuple[str, ...] = ("none", "nemo", "nemo-c")
-METHOD_FORMS = "none, nemo, nemo-c, nemo:alpha=A or nemo-c:alpha=A with A in [0, 1]"
-_METHOD = re.compile(r"(?P<kind>[a-z-]+)(?::alpha=(?P<alpha>[^:]+))?")
+METHOD_FORMS = (
+    "none, nemo, nemo-c, nemo:published, nemo-c:published, "
+    "each but none optionally followed by :alpha=A with A in [0, 1]"
+)
+_METHOD = re.compile(r"(?P<kind>[a-z-]+)(?P<published>:published)?(?::alpha=(?P<alpha>[^:]+))?")
 
 
 @dataclass(frozen=True)
@@ -47,13 +60,20 @@ class Method:
 
     kind: MethodKind
     alpha: float  # 0 deactivates (NeMo's default); 0.1, 0.2 are the FB-Mem paper's dampening
+    published: bool = False  # the FB-Mem authors' SD v1.4 sets instead of localized ones
 
     @property
     def name(self) -> str:
         """Canonical spelling, as the scan's `method` column stores it."""
+        base = f"{self.kind}:published" if self.published else self.kind
         if self.kind == "none" or self.alpha == 0.0:
-            return self.kind
-        return f"{self.kind}:alpha={self.alpha:g}"
+            return base
+        return f"{base}:alpha={self.alpha:g}"
+
+    @property
+    def needs_localization(self) -> bool:
+        """Whether the method's neurons come from NeMo run on the model at hand."""
+        return self.kind != "none" and not self.published
 
 
 def parse_method(name: str) -> Method:
@@ -63,18 +83,18 @@ def parse_method(name: str) -> Method:
     match = _METHOD.fullmatch(name.strip())
     if match is None or match["kind"] not in METHOD_KINDS:
         raise ValueError(f"unknown method {name!r}; valid forms: {METHOD_FORMS}")
-    kind, alpha_text = match["kind"], match["alpha"]
+    kind, alpha_text, published = match["kind"], match["alpha"], match["published"] is not None
+    if kind == "none" and (published or alpha_text is not None):
+        raise ValueError(f"method {name!r}: 'none' blocks no neurons: no :published, no alpha")
     if alpha_text is None:
-        return Method(kind, 1.0 if kind == "none" else 0.0)
-    if kind == "none":
-        raise ValueError(f"method {name!r}: 'none' blocks no neurons and takes no alpha")
+        return Method(kind, 1.0 if kind == "none" else 0.0, published)
     try:
         alpha = float(alpha_text)
     except ValueError:
         raise ValueError(f"method {name!r}: alpha {alpha_text!r} is not a number") from None
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"method {name!r}: alpha must be in [0, 1], got {alpha}")
-    return Method(kind, alpha)
+    return Method(kind, alpha, published)
 
 
 def localization_tables(
@@ -125,13 +145,17 @@ def union_per_cluster(neuron_sets: pd.DataFrame, clusters: pd.DataFrame) -> pd.D
 def method_neurons(
     method: str,
     prompt_ids: Sequence[int],
-    neuron_sets: pd.DataFrame,
+    neuron_sets: pd.DataFrame | None,
     clusters: pd.DataFrame | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> tuple[list[frozenset[Neuron]], float]:
     """The neurons `method` blocks for each prompt, in `prompt_ids` order, and their factor alpha.
 
     none: no neurons (alpha 1); nemo: the prompt's own refined set; nemo-c: the union of its
-    cluster's sets (`clusters` required, every prompt must be in it). The result feeds
+    cluster's sets (`clusters` required, every prompt must be in it). The `:published` forms
+    take the FB-Mem authors' SD v1.4 sets instead (`scanner.mitigation.published`): they need
+    the prompts' text (`prompts`, same order) and no `neuron_sets` or `clusters`, and warn
+    (PublishedCoverageWarning) with the count of prompts that get no set. The result feeds
     `scanner.neurons.neuron_mask_to_scales`. Cost is linear in the tables: call it once per
     method for a whole batch of prompts, not per prompt.
     """
@@ -139,6 +163,10 @@ def method_neurons(
     prompt_ids = [int(pid) for pid in prompt_ids]
     if parsed.kind == "none":
         return [frozenset() for _ in prompt_ids], parsed.alpha
+    if parsed.published:
+        return _published_neurons(parsed, prompt_ids, prompts), parsed.alpha
+    if neuron_sets is None:
+        raise ValueError(f"method {method!r} needs the neuron_sets table of a localization")
     if parsed.kind == "nemo":
         own = _sets_by_key(check_neuron_sets(neuron_sets), "prompt_id")
         return [own.get(pid, frozenset()) for pid in prompt_ids], parsed.alpha
@@ -151,6 +179,25 @@ def method_neurons(
         raise ValueError(f"prompts without a cluster: {unknown[:10]} ({len(unknown)} in all)")
     by_cluster = _sets_by_key(union_per_cluster(neuron_sets, clusters), "cluster_id")
     return [by_cluster.get(cluster_of[pid], frozenset()) for pid in prompt_ids], parsed.alpha
+
+
+def _published_neurons(
+    method: Method, prompt_ids: list[int], prompts: Sequence[str] | None
+) -> list[frozenset[Neuron]]:
+    if prompts is None:
+        raise ValueError(
+            f"method {method.name!r} joins the published sets by caption: pass the prompts' text"
+        )
+    if isinstance(prompts, str) or len(prompts) != len(prompt_ids):
+        raise ValueError(
+            f"method {method.name!r}: prompts must be one text per prompt id "
+            f"({len(prompt_ids)} ids, got {1 if isinstance(prompts, str) else len(prompts)})"
+        )
+    sets, table = lookup_published(prompts, method.kind)
+    line = coverage_warning(table, method.name)
+    if line is not None:  # stacklevel 3: the line that called method_neurons
+        warnings.warn(line, PublishedCoverageWarning, stacklevel=3)
+    return sets
 
 
 def check_neuron_sets(neuron_sets: pd.DataFrame) -> pd.DataFrame:

@@ -53,12 +53,16 @@ def build_report(
     *,
     reference: str | Path | None = None,
     config: ReportConfig = ReportConfig(),
+    count_nm: bool = False,
 ) -> Path:
-    """Write `report/` (summary.json, figures, thumbnails, index.html); returns the page's path."""
+    """Write `report/` (summary.json, figures, thumbnails, index.html); returns the page's path.
+
+    `count_nm`: one-to-many tables counted as the FB-Mem authors' script did (NM included).
+    """
     scan_dir = Path(scan_dir)
     report_dir = scan_dir / "report"
     # 1. Aggregates and summary.json
-    aggregates = aggregate(scan_dir)
+    aggregates = aggregate(scan_dir, count_nm=count_nm)
     write_summary(aggregates)
     refs = reference_dir(aggregates.manifest, reference)
     # 2. Figures
@@ -123,6 +127,17 @@ def _when(epoch) -> str:
     return datetime.fromtimestamp(float(epoch), tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _segmenter(manifest: dict) -> str:
+    """Which segmenter made the masks: the backend's recorded name, else the configured kind;
+    the references' own when their store was segmented by another."""
+    backends = manifest.get("backends") or {}
+    kind = (manifest.get("config") or {}).get("segmenter")
+    name = backends.get("segmenter") or (kind.get("kind") if isinstance(kind, dict) else kind)
+    ref = backends.get("reference_segmenter")
+    text = str(name or "not recorded")
+    return text if not ref or ref == name else f"{text} (training images: {ref})"
+
+
 def _flatten(prefix: str, value, out: dict) -> dict:
     if isinstance(value, dict):
         for key, inner in value.items():
@@ -156,6 +171,7 @@ class Page:
         sections = [
             self.distribution_section() if labelled else self.nothing_labelled(),
             self.one_to_many_section() if labelled else "",
+            self.designed_section(),
             self.clusters_section(),
             self.mitigation_section(),
             self.gallery_section(),
@@ -192,10 +208,12 @@ are in <code>report/summary.json</code>.</footer>
             f"metric {escape(str(cfg.get('metric', 'ms_ssim')))}, τ = {cfg.get('tau', DEFAULT_TAU)}, "
             f"β = {cfg.get('beta', 'n/a')}",
             f"match by {escape(str(cfg.get('match_by', 'most-severe')))}",
+            f"segmenter {escape(_segmenter(m))}",
         ]
         links = [
             ("distribution", "Distribution"),
             ("one-to-many", "One-to-many"),
+            ("designed", "Designed vs found") if self.aggregates.designed is not None else None,
             ("clusters", "Clusters") if self.aggregates.clusters is not None else None,
             ("mitigation", "Mitigation") if "mitigation" in self.plots else None,
             ("gallery-section", "Gallery"),
@@ -265,37 +283,79 @@ regions agree (M_fg ≥ τ), else background (M_bg ≥ τ), else not memorized.<
 
     def one_to_many_section(self) -> str:
         table = self.aggregates.one_to_many
+        counted = [label for label in LABELS if label in table.columns]  # NM when counted
         rows = [
-            [
-                r.method,
-                r.distinct_refs,
-                _num(r.prompts),
-                _num(r.VM),
-                _num(r.FM),
-                _num(r.BM),
-                _num(r.generations),
-            ]
-            for r in table.itertuples()
+            [r["method"], r["distinct_refs"], *(_num(r[c]) for c in ["prompts", *counted])]
+            + [_num(r["generations"])]
+            for r in table.to_dict("records")
         ]
+        nm = "NM" in counted
         html_table = _table(
             [
                 "method",
                 "distinct training images",
                 "prompts",
-                "VM",
-                "FM",
-                "BM",
-                "memorized generations",
+                *counted,
+                "generations" if nm else "memorized generations",
             ],
             rows,
-            {1, 2, 3, 4, 5, 6},
+            set(range(1, len(counted) + 4)),
+        )
+        lead = (
+            f"For each prompt, all its generations (of N = {self.aggregates.n}), NM included, are "
+            "grouped by how many distinct training images they matched, as the FB-Mem authors' "
+            "script counts (the paper's text counts memorized generations only)."
+            if nm
+            else f"For each prompt, its memorized generations (of N = {self.aggregates.n}) are "
+            "grouped by how many distinct training images they matched. Prompts with no "
+            "memorized generation are in no category."
         )
         return f"""<section class="panel" id="one-to-many"><h2>One prompt, many training images</h2>
-<p class="lead">For each prompt, its memorized generations (of N = {self.aggregates.n}) are grouped
-by how many distinct training images they matched. Prompts with no memorized generation are in no
-category.</p>
+<p class="lead">{lead}</p>
 <div class="split"><img class="plot" src="{self.plots["one_to_many"].name}" alt="one-to-many histogram">
 <div class="scroll">{html_table}</div></div></section>"""
+
+    def designed_section(self) -> str:
+        """Designed vs found: only for prompt sources that carry ground truth (`designed`)."""
+        designed = self.aggregates.designed
+        if designed is None:
+            return ""
+        nearest = self.aggregates.nearest
+        close = (
+            {(r.method, r.group): r for r in nearest.itertuples()} if nearest is not None else {}
+        )
+        rows = []
+        for r in designed.itertuples():
+            near = close.get((r.method, r.group))
+            rows.append(
+                [
+                    r.method,
+                    r.group,
+                    r.designed,
+                    _num(r.total),
+                    *[_num(getattr(r, lab)) for lab in LABELS],
+                    f"{r.as_designed / r.total:.0%}" if r.designed in LABELS else "n/a",
+                    f"{near.median:.3f} ({near.min:.3f}-{near.max:.3f})" if near else "",
+                ]
+            )
+        table = _table(
+            [
+                "method",
+                "group",
+                "designed",
+                "generations",
+                *LABELS,
+                "as designed",
+                "nearest M_full: median (range)",
+            ],
+            rows,
+            {3, 4, 5, 6, 7, 8},
+        )
+        return f"""<section class="panel" id="designed"><h2>Designed vs found</h2>
+<p class="lead">The prompts carry the memorization they were designed (or are known) to show; each row
+counts the labels their generations got. "Nearest M_full" is each generation's highest whole-image
+MS-SSIM over its scored training images: how close it comes to copying one.</p>
+<div class="scroll">{table}</div></section>"""
 
     def clusters_section(self) -> str:
         clusters = self.aggregates.clusters

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from scanner.analysis import MEMORIZED, ScanAggregates, method_order
+from scanner.analysis import ScanAggregates, method_order
 from scanner.fbmem import LABELS
 
 # One colour per label, shared with the HTML page: severity reads from red to grey.
@@ -82,14 +82,15 @@ def plot_distribution(dist: pd.DataFrame, out: str | Path) -> Path:
 
 def plot_one_to_many(table: pd.DataFrame, out: str | Path) -> Path:
     """Memorized generations by the number of distinct training images their prompt matched,
-    stacked by label, one panel per method (the paper's Figure 3)."""
+    stacked by label, one panel per method (the paper's Figure 3); NM too when counted."""
     methods = method_order(table["method"])
+    counted = [label for label in LABELS if label in table.columns]
     fig = Figure(figsize=(3.2 * len(methods) + 0.6, 3.2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(methods), sharey=True, squeeze=False)[0])
     for ax, method in zip(axes, methods):
         part = table[table["method"] == method]
         x = part["distinct_refs"].to_numpy()
-        _stacked(ax, x, {lab: part[lab].to_numpy() for lab in MEMORIZED}, MEMORIZED)
+        _stacked(ax, x, {lab: part[lab].to_numpy() for lab in counted}, counted)
         for xi, total, prompts in zip(x, part["generations"], part["prompts"]):
             if prompts:
                 ax.text(
@@ -105,7 +106,7 @@ def plot_one_to_many(table: pd.DataFrame, out: str | Path) -> Path:
         ax.set_title(f"method: {method}", fontsize=9)
         ax.margins(y=0.12)
         _style(ax)
-    axes[0].set_ylabel("memorized generations")
+    axes[0].set_ylabel("generations" if "NM" in counted else "memorized generations")
     axes[-1].legend(fontsize=7, frameon=False, loc="upper right")
     fig.supxlabel("distinct training images matched per prompt (p = prompts)", fontsize=9)
     fig.suptitle("One prompt, many training images", fontsize=10)
