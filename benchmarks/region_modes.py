@@ -2,8 +2,8 @@
 
 Builds the replication set (the tuning set) and the holdout set (other crops, shapes and
 seeds: the judging set; `scanner.replication_holdout`), scores every generation against every
-training image with the true masks in both region modes, and prints one JSON object per
-(set, size, mode):
+training image in both region modes, with the true masks or a segmenter's (`--masks`), and
+prints one JSON object per (set, size, masks, mode):
 
 - intended pairs (each generation against the training image it was made from): recall of
   VM, FM and BM among the generations made to be that, and the NM rate of unrelated ones;
@@ -23,12 +23,13 @@ tries several window-share thresholds of pooled mode (how REGION_INSIDE was tune
 replication set alone, the value with the largest smallest margin at both sizes).
 
     python benchmarks/region_modes.py [--sizes 512 256] [--sets replication holdout]
-        [--inside 0.9 0.95] [--per-generation]
+        [--masks true classical u2netp] [--inside 0.9 0.95] [--per-generation]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -50,26 +51,31 @@ from scanner.fbmem import DEFAULT_TAU, score_pairs, select_matches
 from scanner.images import load_image, load_mask
 from scanner.replication import build_replication_set
 from scanner.replication_holdout import build_holdout_set
+from scanner.segment import SegmenterConfig, make_segmenter
 
 SETS = {"replication": build_replication_set, "holdout": build_holdout_set}
 KIND_LABEL = {"verbatim": "VM", "foreground": "FM", "background": "BM", "unrelated": "NM"}
 
 
-def load_set(root: Path, size: int):
+def load_set(root: Path, size: int, masks: str = "true"):
+    """A set's tables, images and masks: the true masks, or a segmenter kind's."""
     manifest = pd.read_csv(root / "replication.csv")
     references = pd.read_csv(root / "references.csv")
 
     def stack(loader, paths):
         return torch.from_numpy(np.stack([loader(root / p, size) for p in paths]))
 
-    return (
-        manifest,
-        references,
-        stack(load_image, manifest["gen"]),
-        stack(load_image, references["path"]),
-        stack(load_mask, manifest["gen_mask"]),
-        stack(load_mask, references["mask"]),
-    )
+    gens, refs = stack(load_image, manifest["gen"]), stack(load_image, references["path"])
+    if masks == "true":
+        gen_fg, ref_fg = (
+            stack(load_mask, manifest["gen_mask"]),
+            stack(load_mask, references["mask"]),
+        )
+    else:
+        segmenter = make_segmenter(SegmenterConfig(kind=masks))
+        gen_fg = torch.from_numpy(segmenter(gens.numpy()))
+        ref_fg = torch.from_numpy(segmenter(refs.numpy()))
+    return manifest, references, gens, refs, gen_fg, ref_fg
 
 
 def cpu_name() -> str:
@@ -193,14 +199,21 @@ def main() -> None:
         default=[similarity.REGION_INSIDE],
         help="pooled mode's window share thresholds to try (similarity.REGION_INSIDE)",
     )
+    parser.add_argument(
+        "--masks",
+        nargs="+",
+        default=["true"],
+        choices=["true", "classical", "u2netp"],
+        help="whose masks: the sets' true masks, or a segmenter's (u2netp needs its extra)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sets:
             root = Path(tmp) / name
             SETS[name](root, size=max(args.sizes))
-            for size in args.sizes:
-                loaded = load_set(root, size)
-                head = {"set": name, "size": size, "device": cpu_name()}
+            for size, masks in itertools.product(args.sizes, args.masks):
+                loaded = load_set(root, size, masks)
+                head = {"set": name, "size": size, "masks": masks, "device": cpu_name()}
                 masked, _ = run(loaded, "masked", head, args.per_generation)
                 for inside in args.inside:
                     similarity.REGION_INSIDE = inside

@@ -227,6 +227,7 @@ def cmd_demo(args) -> int:
         device=args.device,
         match_by=args.match_by,
         u2netp_path=args.u2netp,
+        region_mode=args.region_mode,
     )
     return 0
 
@@ -496,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu")
     _add_match_by(p)
+    _add_region_mode(p)
     _add_u2netp(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -333,3 +333,17 @@ def test_holdout_background_copies_need_pooled_mode(tmp_path):
     )
     assert score_pairs(*inputs, region_mode="pooled").label.tolist() == ["BM"] * 8
     assert (score_pairs(*inputs).label == "BM").sum() <= 1
+
+
+def test_demo_takes_the_region_mode(tmp_path, monkeypatch, capsys):
+    """`fbmem demo --region-mode pooled` labels the replication set in pooled mode (true masks
+    only here: the segmenters have their own tests) and says so in its summary."""
+    from scanner import demo
+    from scanner.cli import main
+
+    monkeypatch.setattr(demo, "demo_segmenters", lambda device, u2netp_path=None: [])
+    assert main(["demo", "--out", str(tmp_path), "--region-mode", "pooled"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["region_mode"] == "pooled" and list(summary["runs"]) == ["true"]
+    assert summary["runs"]["true"]["correct"] == summary["generations"] == 32
+    assert "region mode pooled" in capsys.readouterr().out
