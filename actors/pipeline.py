@@ -97,6 +97,7 @@ def scan_stages(
         "metric": config.metric,
         "sscd": config.sscd,
         "match_by": config.match_by,
+        "region_mode": config.region_mode,
     }
     return [
         first,

@@ -45,7 +45,9 @@ def nearest(generated: torch.Tensor, references: torch.Tensor) -> tuple[np.ndarr
     """Per generation: the best MS-SSIM over the references and the index of that reference."""
     best, which = [], []
     for image in generated:
-        scores = ms_ssim(image[None].expand(len(references), -1, -1, -1), references, data_range=1.0)
+        scores = ms_ssim(
+            image[None].expand(len(references), -1, -1, -1), references, data_range=1.0
+        )
         best.append(float(scores.max()))
         which.append(int(scores.argmax()))
     return np.array(best), np.array(which)

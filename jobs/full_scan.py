@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
 
 from actors.pipeline import run_shards, scan_stages, start_ray
 from scanner import exits
+from scanner.defaults import REGION_MODES
 from scanner.demo_inputs import demo_organism, demo_replay, demo_tiny_sd
 from scanner.driver import Progress, split_shards
 from scanner.fbmem import MATCH_BY
@@ -68,6 +69,12 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, dict, bool]:
         choices=MATCH_BY,
         help="each generation's one match: highest (M_fg + M_bg) / 2 (mean, default), M_full, "
         "or the most severe label (a worst-case audit view)",
+    )
+    p.add_argument(
+        "--region-mode",
+        choices=REGION_MODES,
+        help="masked (default, the paper's Algorithm 1) or pooled: region scores from the SSIM "
+        "maps of the unmasked images where both images hold the region (docs/region-modes.md)",
     )
     p.add_argument("--shard-size", type=int)
     p.add_argument("--max-pixels", type=int, help="largest image file decoded (default 50 MP)")

@@ -17,10 +17,12 @@ from scanner.defaults import (
     DEFAULT_BETA,
     DEFAULT_MATCH_BY,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_REGION_MODE,
     DEFAULT_SIZE,
     DEFAULT_TAU,
     MATCH_BY,
     METRICS,
+    REGION_MODES,
 )
 
 LABEL_ORDER = ("VM", "FM", "BM", "NM")  # the order summaries print labels in
@@ -77,6 +79,17 @@ def _add_match_by(p: argparse.ArgumentParser) -> None:
         help="each generation's one match among its candidates: highest (M_fg + M_bg) / 2 "
         "(mean, default, as the paper's authors), highest M_full (full), or the most severe "
         "label (most-severe, a worst-case audit view)",
+    )
+
+
+def _add_region_mode(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--region-mode",
+        choices=REGION_MODES,
+        default=DEFAULT_REGION_MODE,
+        help="masked (default, the paper's Algorithm 1: each region compared with the other "
+        "zeroed) or pooled (the SSIM maps of the unmasked images averaged where both images "
+        "hold the region; docs/region-modes.md)",
     )
 
 
@@ -178,6 +191,7 @@ def cmd_compare(args) -> int:
         sscd=args.sscd,
         device=args.device,
         max_pixels=args.max_pixels,
+        region_mode=args.region_mode,
     )
     needs_segmenter = any(s.gen_mask is None or s.ref_mask is None for s in specs)
     records = compare_pairs(specs, options, _segmenter(args) if needs_segmenter else None)
@@ -290,6 +304,7 @@ def cmd_demo(args) -> int:
         device=args.device,
         match_by=args.match_by,
         u2netp_path=args.u2netp,
+        region_mode=args.region_mode,
     )
     return exits.OK
 
@@ -348,6 +363,7 @@ def cmd_scan_images(args) -> int:
         metric=args.metric,
         sscd=args.sscd,
         match_by=args.match_by,
+        region_mode=args.region_mode,
         segmenter=_segmenter_config(args),
         device=args.device,
         shard_size=args.shard_size,
@@ -420,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
     _add_fbmem_options(p)
     _add_max_pixels(p)
+    _add_region_mode(p)
     _add_segmenter_options(p)
     p.set_defaults(func=cmd_compare)
 
@@ -470,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fbmem_options(p, size=False)
     _add_max_pixels(p)
     _add_match_by(p)
+    _add_region_mode(p)
     _add_segmenter_options(p)
     p.set_defaults(func=cmd_scan_images)
 
@@ -580,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     _add_match_by(p)
+    _add_region_mode(p)
     _add_u2netp(p)
     p.set_defaults(func=cmd_demo)
     return parser

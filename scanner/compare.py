@@ -13,7 +13,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scanner.fbmem import DEFAULT_BETA, DEFAULT_TAU, load_metric, score_pairs
+from scanner.defaults import DEFAULT_REGION_MODE
+from scanner.fbmem import (
+    DEFAULT_BETA,
+    DEFAULT_TAU,
+    check_region_mode,
+    load_metric,
+    score_pairs,
+)
 from scanner.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_SIZE,
@@ -42,6 +49,7 @@ class CompareOptions:
     sscd: str | None = None  # SSCD TorchScript file, for metric sscd
     device: str = "cpu"
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are error records, never decoded
+    region_mode: str = DEFAULT_REGION_MODE  # masked (the paper's) or pooled
 
     def __post_init__(self) -> None:
         check_max_pixels(self.max_pixels)
@@ -113,6 +121,7 @@ class _Loaded:
 
 def compare_pairs(specs: list[PairSpec], options: CompareOptions, segmenter=None) -> list[dict]:
     """One record per spec, in order: Algorithm 1's scores and label, or an `error`."""
+    check_region_mode(options.region_mode, options.metric)
     gens = _Loaded(options.size, options.max_pixels)
     refs = _Loaded(options.size, options.max_pixels)
     rows: list[tuple[int, int] | str] = []
@@ -139,7 +148,15 @@ def compare_pairs(specs: list[PairSpec], options: CompareOptions, segmenter=None
         pairs = torch.tensor(sorted(set(valid)), dtype=torch.long)
         metric = load_metric(options.metric, options.sscd, options.device)
         scores = score_pairs(
-            g, r, g_fg, r_fg, pairs, tau=options.tau, beta=options.beta, metric=metric
+            g,
+            r,
+            g_fg,
+            r_fg,
+            pairs,
+            tau=options.tau,
+            beta=options.beta,
+            metric=metric,
+            region_mode=options.region_mode,
         )
         by_pair = {(rec["gen_index"], rec["ref_index"]): rec for rec in scores.records()}
     out = []

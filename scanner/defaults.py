@@ -15,6 +15,10 @@ MatchBy = Literal["mean", "full", "most-severe"]
 MATCH_BY: tuple[str, ...] = get_args(MatchBy)
 DEFAULT_MATCH_BY: MatchBy = "mean"  # what the authors' code ranks by (DESIGN 4.2)
 
+RegionMode = Literal["masked", "pooled"]
+REGION_MODES: tuple[str, ...] = get_args(RegionMode)
+DEFAULT_REGION_MODE: RegionMode = "masked"  # the paper's Algorithm 1 (docs/region-modes.md)
+
 METRICS: tuple[str, ...] = ("ms_ssim", "ssim")  # pixel metrics; "sscd" needs a model file
 
 # MS-SSIM's 5 scales with an 11-tap window need a shorter side above (11 - 1) * 2**4 = 160.

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scanner.fbmem import DEFAULT_MATCH_BY, LABELS, score_pairs, select_matches
+from scanner.defaults import DEFAULT_REGION_MODE
+from scanner.fbmem import DEFAULT_MATCH_BY, LABELS, check_region_mode, score_pairs, select_matches
 from scanner.images import load_image, load_mask
 from scanner.replication import KINDS, build_replication_set
 from scanner.segment import SegmenterConfig, default_kind, make_segmenter
@@ -29,6 +30,7 @@ def label_set(
     masks: SegmenterConfig | None,
     device: str,
     match_by: str = DEFAULT_MATCH_BY,
+    region_mode: str = DEFAULT_REGION_MODE,
 ) -> tuple[pd.DataFrame, dict]:
     """Each generation against every reference; one row per generation with its match.
 
@@ -57,6 +59,7 @@ def label_set(
         refs.to(dev),
         torch.from_numpy(gen_fg).to(dev),
         torch.from_numpy(ref_fg).to(dev),
+        region_mode=region_mode,
     )
     matches = select_matches(scores, match_by)
     rows = []
@@ -113,7 +116,9 @@ def run_demo(
     device: str = "cpu",
     match_by: str = DEFAULT_MATCH_BY,
     u2netp_path: str | None = None,
+    region_mode: str = DEFAULT_REGION_MODE,
 ) -> dict:
+    check_region_mode(region_mode, "ms_ssim")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     manifest = build_replication_set(out / "replication", size=512)
@@ -121,18 +126,20 @@ def run_demo(
     print(
         f"replication set: {len(manifest)} generations, {len(references)} training images -> {out / 'replication'}"
     )
+    print(f"match by {match_by}, region mode {region_mode}")
     summary = {
         "size": size,
         "generations": len(manifest),
         "references": len(references),
         "match_by": match_by,
+        "region_mode": region_mode,
         "runs": {},
     }
     for masks in (None, *demo_segmenters(device, u2netp_path)):
         run = "true" if masks is None else masks.kind
         t = time.perf_counter()
         results, quality = label_set(
-            manifest, references, out / "replication", size, masks, device, match_by
+            manifest, references, out / "replication", size, masks, device, match_by, region_mode
         )
         seconds = time.perf_counter() - t
         results.to_csv(out / f"labels_{run}_masks.csv", index=False)

@@ -8,6 +8,11 @@ foreground -> background: VM (verbatim), FM (foreground), BM (background), else 
 
 tau = 0.8 is the paper's MS-SSIM verbatim threshold; the paper does not state Algorithm
 1's own tau, so it is a configurable assumption. beta = 0.03 is the paper's.
+
+`region_mode="masked"` (default) is the paper: a region's score is the MS-SSIM of the images
+with the other region zeroed, so the zeroed area of both images counts as a perfect match.
+`region_mode="pooled"` (beyond the paper) averages the SSIM maps of the unmasked images over
+the pixels both images hold in the region, so it never does (docs/region-modes.md).
 """
 
 from __future__ import annotations
@@ -17,8 +22,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from scanner.defaults import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU, MATCH_BY, MatchBy
-from scanner.scoring import BALANCED, BRANCH_NAMES, LARGE_FG, SMALL_FG, EngineConfig, region_scores
+from scanner.defaults import (
+    DEFAULT_BETA,
+    DEFAULT_MATCH_BY,
+    DEFAULT_REGION_MODE,
+    DEFAULT_TAU,
+    MATCH_BY,
+    REGION_MODES,
+    MatchBy,
+    RegionMode,
+)
+from scanner.scoring import (
+    BALANCED,
+    BRANCH_NAMES,
+    LARGE_FG,
+    SMALL_FG,
+    EngineConfig,
+    region_scores,
+)
 from scanner.similarity import METRICS, Metric, SSIMSpec, check_images, spec_for
 from scanner.sscd import SSCDModel
 
@@ -70,7 +91,19 @@ def classify(m_full: np.ndarray, m_fg: np.ndarray, m_bg: np.ndarray, tau: float)
     return np.select([m_full >= tau, m_fg >= tau, m_bg >= tau], ["VM", "FM", "BM"], default="NM")
 
 
-def _check_inputs(gen, ref, gen_fg, ref_fg, pairs, tau, beta, metric) -> torch.Tensor:
+def check_region_mode(region_mode: str, metric: str) -> None:
+    """A region mode and a metric name ("ms_ssim", "ssim", "sscd") that work together."""
+    if region_mode not in REGION_MODES:
+        raise ValueError(f"unknown region_mode {region_mode!r}; expected one of {REGION_MODES}")
+    if region_mode == "pooled" and metric == "sscd":
+        raise ValueError(
+            "region_mode 'pooled' averages SSIM maps over a region; SSCD has none: "
+            "use metric ms_ssim or ssim, or region_mode 'masked'"
+        )
+
+
+def _check_inputs(gen, ref, gen_fg, ref_fg, pairs, tau, beta, metric, region_mode) -> torch.Tensor:
+    check_region_mode(region_mode, "sscd" if isinstance(metric, SSCDModel) else metric)
     if isinstance(metric, SSCDModel):
         spec = SSIMSpec(weights=(1.0,), win_size=1)  # any size: SSCD resizes to 320 px itself
     elif metric in METRICS:
@@ -136,21 +169,25 @@ def score_pairs(
     beta: float = DEFAULT_BETA,
     metric: Metric | SSCDModel = "ms_ssim",
     engine: EngineConfig = EngineConfig(),
+    region_mode: RegionMode = DEFAULT_REGION_MODE,
 ) -> PairScores:
     """Algorithm 1 for every pair; `pairs` (P, 2) or None for all G x R pairs.
 
     gen (G, 3, H, W) and ref (R, 3, H, W) are floats in [0, 1] on the device that should do
     the work; gen_fg (G, H, W) and ref_fg (R, H, W) are boolean foreground masks. `metric` is
     "ms_ssim" (the paper's), "ssim", or a loaded `SSCDModel` (cosine of copy-detection
-    embeddings of the same region variants).
+    embeddings of the same region variants). `region_mode` is "masked" (the paper's) or
+    "pooled" (SSIM metrics only; see the module docstring).
     """
-    pairs = _check_inputs(gen, ref, gen_fg, ref_fg, pairs, tau, beta, metric)
+    pairs = _check_inputs(gen, ref, gen_fg, ref_fg, pairs, tau, beta, metric, region_mode)
     fg_fraction = gen_fg.flatten(1).float().mean(1)
     branch = branches(fg_fraction, beta).to(gen.device)
     if isinstance(metric, SSCDModel):
         scores = metric.region_scores(gen, ref, gen_fg, ref_fg, pairs.to(gen.device), branch)
     else:
-        scores = region_scores(gen, ref, gen_fg, ref_fg, pairs, branch, spec_for(metric), engine)
+        scores = region_scores(
+            gen, ref, gen_fg, ref_fg, pairs, branch, spec_for(metric), engine, region_mode
+        )
     scores = scores.float().cpu().numpy()
     pairs_np = pairs.cpu().numpy()
     gen_idx = pairs_np[:, 0]

@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scanner.fbmem import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU, MATCH_BY
+from scanner.defaults import DEFAULT_REGION_MODE
+from scanner.fbmem import (
+    DEFAULT_BETA,
+    DEFAULT_MATCH_BY,
+    DEFAULT_TAU,
+    MATCH_BY,
+    check_region_mode,
+)
 from scanner.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from scanner.store import gen_id
 
@@ -62,6 +69,7 @@ class FullScanConfig:
     match_by: str = (
         DEFAULT_MATCH_BY  # one match per generation (DESIGN 4.2): mean, full, most-severe
     )
+    region_mode: str = DEFAULT_REGION_MODE  # masked (the paper's) or pooled (docs/region-modes.md)
     segmenter: str | None = None  # None: u2netp if installed, else classical (load_config)
     u2netp: str | None = None  # a u2netp.onnx file; None: the one of the u2netp extra
     birefnet: str | None = None
@@ -134,6 +142,7 @@ def validate(config: FullScanConfig) -> None:
         )
     if config.match_by not in MATCH_BY:
         raise ValueError(f"match_by must be one of {MATCH_BY}, got {config.match_by!r}")
+    check_region_mode(config.region_mode, config.metric)
     if config.n_per_prompt < 1 or config.shard_size < 1 or config.top_k < 0:
         raise ValueError("n_per_prompt and shard_size must be >= 1 and top_k >= 0")
     check_max_pixels(config.max_pixels)

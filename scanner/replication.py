@@ -205,6 +205,7 @@ class Case:
     unrelated: Composite
     new_background: View | None = None  # behind the same foreground: a "foreground" copy
     new_foreground: View | None = None  # through the same mask: a "background" copy
+    new_foreground_mask: Shape | None = None  # the background copy's own mask, if not the same
 
 
 @dataclass(frozen=True)
@@ -382,7 +383,8 @@ def _generations(case: Case) -> list[tuple[Kind, Composite | None]]:
     if case.new_background is not None:
         made.append(("foreground", Composite(case.new_background, ref.foreground, ref.mask)))
     if case.new_foreground is not None:
-        made.append(("background", Composite(ref.background, case.new_foreground, ref.mask)))
+        mask = case.new_foreground_mask or ref.mask
+        made.append(("background", Composite(ref.background, case.new_foreground, mask)))
     made.append(("unrelated", case.unrelated))
     return made
 
@@ -392,14 +394,17 @@ def _write(path: Path, array: np.ndarray) -> None:
     path.write_bytes(encode_png(array if array.dtype == bool else array.transpose(2, 0, 1)))
 
 
-def build_replication_set(out_dir: Path, size: int = 512, seed: int = 0) -> pd.DataFrame:
+def build_replication_set(
+    out_dir: Path, size: int = 512, seed: int = 0, cases: tuple[Case, ...] = CASES
+) -> pd.DataFrame:
     """Write the replication set under `out_dir` and return its manifest.
 
     `out_dir` gets `references/`, `generations/` (PNG images and masks, white = foreground),
     `references.csv` (ref_id, path, mask, caption) and `replication.csv` (one row per
     generation: gen_id, gen, gen_mask, ref_id, ref, ref_mask, kind, expected, prompt).
-    Paths are relative to `out_dir`. The photos, crops and masks are fixed recipes; `seed`
-    only draws the generations' noise, so a rerun writes byte-identical files.
+    Paths are relative to `out_dir`. The photos, crops and masks are fixed recipes (`cases`;
+    `scanner.replication_holdout` has a second set); `seed` only draws the generations'
+    noise, so a rerun writes byte-identical files.
     """
     check_size(size)
     if not isinstance(seed, int) or seed < 0:
@@ -409,7 +414,7 @@ def build_replication_set(out_dir: Path, size: int = 512, seed: int = 0) -> pd.D
     (out_dir / "generations").mkdir(parents=True, exist_ok=True)
 
     references, rows = [], []
-    for case_index, case in enumerate(CASES):
+    for case_index, case in enumerate(cases):
         ref_id = f"r{case_index + 1:02d}"
         ref_image, ref_mask = case.reference.render(size)
         ref_path, ref_mask_path = f"references/{ref_id}.png", f"references/{ref_id}_mask.png"

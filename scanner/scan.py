@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scanner.defaults import DEFAULT_REGION_MODE
 from scanner.driver import Progress, ShardCollector, error_row, run_local, split_shards
 from scanner.embed import EmbedConfig
-from scanner.fbmem import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU
+from scanner.fbmem import DEFAULT_BETA, DEFAULT_MATCH_BY, DEFAULT_TAU, check_region_mode
 from scanner.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from scanner.segment import SegmenterConfig
 from scanner.sources import list_images
@@ -37,6 +38,7 @@ class ScanConfig:
     metric: str = "ms_ssim"  # ms_ssim, ssim or sscd
     sscd: str | None = None  # SSCD TorchScript file, for metric sscd
     match_by: str = DEFAULT_MATCH_BY  # one match per generation: highest mean, full, or most-severe
+    region_mode: str = DEFAULT_REGION_MODE  # masked (the paper's) or pooled (docs/region-modes.md)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     device: str = "cpu"
     shard_size: int = 256  # generations per resumable shard
@@ -47,6 +49,7 @@ class ScanConfig:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = exhaustive), got {self.top_k}")
         check_max_pixels(self.max_pixels)
+        check_region_mode(self.region_mode, self.metric)
 
 
 def scan_items(src: str | Path) -> pd.DataFrame:
@@ -175,6 +178,7 @@ def scan_images(
         config.device,
         sscd=config.sscd,
         match_by=config.match_by,
+        region_mode=config.region_mode,
     )
     segment = Segment(config.segmenter)
     embed = Embed(reference_embed_config(match.refs.manifest, config.device))

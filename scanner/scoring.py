@@ -10,6 +10,12 @@ only the cross product x*y (1 filtered map per scale) plus a handful of elementw
 pytorch-msssim filters 5 maps per region and pair, so the filter work per pair drops from
 15 to 3 maps; the remaining cost is the cross filter and the elementwise cs/ssim maps.
 
+Region modes. `masked` (the paper's Algorithm 1) scores each region as the MS-SSIM of the
+masked variants: 3 cross terms per pair. `pooled` (beyond the paper) filters one cross term
+per pair, of the unmasked images, and averages its cs maps over each region where both
+images hold it (`similarity.pooled_scores`): the per-image statistics are those of the whole
+images plus each image's window shares of its foreground.
+
 Tiles: generations are taken `gen_tile` at a time; for each such tile, the references its
 pairs touch are taken `ref_tile` at a time, and the pairs inside the (gen tile, ref tile)
 block are scored `pair_batch` region-jobs at a time. Tile sizes come from the memory the
@@ -23,7 +29,15 @@ from typing import Literal
 
 import torch
 
-from scanner.similarity import SSIMSpec, image_stats, pair_scores
+from scanner.defaults import DEFAULT_REGION_MODE, REGION_MODES, RegionMode
+from scanner.similarity import (
+    LevelStats,
+    SSIMSpec,
+    image_stats,
+    pair_scores,
+    pooled_scores,
+    window_shares,
+)
 
 Storage = Literal["float32", "float16", "bfloat16"]
 
@@ -120,7 +134,11 @@ def variants(images: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
     """(N, 3, C, H, W): each image whole, foreground-masked and background-masked (masked
     pixels 0, Algorithm 1's x ⊙ S), in the order of the variant codes WHOLE, FG, BG."""
     m = fg.unsqueeze(1).to(images.device, images.dtype)
-    return torch.stack([images, images * m, images * (1 - m)], dim=1)
+    out = images.new_empty(images.shape[0], N_VARIANTS, *images.shape[1:])
+    out[:, WHOLE] = images
+    torch.mul(images, m, out=out[:, FG])
+    torch.mul(images, 1 - m, out=out[:, BG])
+    return out
 
 
 def variant_stats(
@@ -134,6 +152,19 @@ def variant_stats(
     )
 
 
+def pooled_stats(
+    images: torch.Tensor, fg: torch.Tensor, spec: SSIMSpec, storage: torch.dtype
+) -> list:
+    """Statistics of the whole images, with each image's window shares of its foreground."""
+    images = images.to(torch.promote_types(images.dtype, torch.float32))
+    stats = image_stats(images, spec)
+    shares = window_shares(fg.to(images.dtype), spec)
+    return [
+        LevelStats(level.image.to(storage), level.mu, level.var, share)
+        for level, share in zip(stats, shares, strict=True)
+    ]
+
+
 def region_scores(
     gen: torch.Tensor,
     ref: torch.Tensor,
@@ -143,12 +174,20 @@ def region_scores(
     branch: torch.Tensor,
     spec: SSIMSpec,
     config: EngineConfig = EngineConfig(),
+    region_mode: RegionMode = DEFAULT_REGION_MODE,
 ) -> torch.Tensor:
     """(P, 3) scores (full, fg, bg) of the pairs, each region with its branch's variants.
 
     `pairs` (P, 2) holds (generation index, reference index); `branch` (G,) the branch code
-    of every generation. Inputs are validated by the caller (`scanner.fbmem.score_pairs`).
+    of every generation. In `masked` mode a region's variants are the masked images; in
+    `pooled` mode they name the region whose pixels are pooled (`similarity.pooled_scores`).
+    Inputs are validated by the caller (`scanner.fbmem.score_pairs`).
     """
+    if region_mode not in REGION_MODES:
+        raise ValueError(f"unknown region_mode {region_mode!r}; expected one of {REGION_MODES}")
+    pooled = region_mode == "pooled"
+    stats_of = pooled_stats if pooled else variant_stats
+    scores_per_job = 3 if pooled else 1
     device = gen.device
     out = torch.empty(
         pairs.shape[0], 3, dtype=torch.promote_types(gen.dtype, torch.float32), device=device
@@ -169,20 +208,28 @@ def region_scores(
         if lo == hi:
             continue
         tile_pairs, tile_order = sorted_pairs[lo:hi], order[lo:hi]
-        g_stats = variant_stats(gen[g0:g1], gen_fg[g0:g1], spec, storage)
+        g_stats = stats_of(gen[g0:g1], gen_fg[g0:g1], spec, storage)
         refs_used = torch.unique(tile_pairs[:, 1])
         for r0 in range(0, refs_used.numel(), plan.ref_tile):
             ref_ids = refs_used[r0 : r0 + plan.ref_tile]
-            r_stats = variant_stats(ref[ref_ids], ref_fg[ref_ids], spec, storage)
+            r_stats = stats_of(ref[ref_ids], ref_fg[ref_ids], spec, storage)
             in_block = torch.isin(tile_pairs[:, 1], ref_ids)
             block, block_order = tile_pairs[in_block], tile_order[in_block]
             local_ref = torch.searchsorted(ref_ids, block[:, 1].contiguous())
             variants = region_variants[branch[block[:, 0]]]  # (B, 3 regions, 2)
-            ia = ((block[:, 0] - g0).unsqueeze(1) * N_VARIANTS + variants[..., 0]).flatten()
-            ib = (local_ref.unsqueeze(1) * N_VARIANTS + variants[..., 1]).flatten()
-            scores = torch.empty(ia.numel(), dtype=out.dtype, device=device)
+            if pooled:  # one job per pair: whole images, fg and bg pooled from its maps
+                ia, ib, regions = block[:, 0] - g0, local_ref, variants[:, 1:]
+            else:  # one job per pair and region: the region's masked variants
+                ia = ((block[:, 0] - g0).unsqueeze(1) * N_VARIANTS + variants[..., 0]).flatten()
+                ib = (local_ref.unsqueeze(1) * N_VARIANTS + variants[..., 1]).flatten()
+            scores = torch.empty(ia.numel(), scores_per_job, dtype=out.dtype, device=device)
             for j0 in range(0, ia.numel(), plan.pair_batch):
                 j1 = j0 + plan.pair_batch
-                scores[j0:j1] = pair_scores(g_stats, ia[j0:j1], r_stats, ib[j0:j1], spec)
+                if pooled:
+                    scores[j0:j1] = pooled_scores(
+                        g_stats, ia[j0:j1], r_stats, ib[j0:j1], regions[j0:j1], spec
+                    )
+                else:
+                    scores[j0:j1, 0] = pair_scores(g_stats, ia[j0:j1], r_stats, ib[j0:j1], spec)
             out[block_order] = scores.view(-1, 3)
     return out

@@ -8,6 +8,11 @@ reproduce `pytorch_msssim.ms_ssim` / `ssim` operation for operation: 11-tap Gaus
 window with sigma 1.5 (built in float32 like pytorch-msssim), valid filtering, 2x2 average
 pooling with padding on odd sides, negative contrast-structure clamped at 0 (MS-SSIM only),
 per-channel products then the mean over channels.
+
+Two implementations of the same arithmetic: on CPUs (float32/float64) the fused numba
+kernels of `scanner.ssim_cpu`, which filter row by row in cache and never write a map they
+do not keep; elsewhere (GPUs, half-precision storage) tensor ops, with depthwise convolutions
+as the filter.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scanner import ssim_cpu
 from scanner.defaults import METRICS
 
 Metric = Literal["ms_ssim", "ssim"]
@@ -117,16 +124,18 @@ def downsample(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LevelStats:
-    """One scale of a batch of images: the image itself and its filtered mean and variance."""
+    """One scale of a batch of images: the image itself and its filtered mean and variance,
+    and, for region-pooled scores, the share of each SSIM window inside the foreground."""
 
     image: torch.Tensor  # (N, C, h, w)
     mu: torch.Tensor  # (N, C, h - win + 1, w - win + 1)
     var: torch.Tensor  # E[x^2] - mu^2, same shape as mu
+    share: torch.Tensor | None = None  # (N, h - win + 1, w - win + 1), see `window_shares`
 
     def with_image_dtype(self, dtype: torch.dtype) -> LevelStats:
         """Half-precision copies of the images are safe; mu and var stay exact, because the
         covariance E[xy] - mu_x mu_y cancels and fp16 rounding of mu (~2e-4) would dominate it."""
-        return LevelStats(self.image.to(dtype), self.mu, self.var)
+        return LevelStats(self.image.to(dtype), self.mu, self.var, self.share)
 
 
 def check_images(x: torch.Tensor, spec: SSIMSpec, name: str = "images") -> None:
@@ -143,8 +152,31 @@ def check_images(x: torch.Tensor, spec: SSIMSpec, name: str = "images") -> None:
         )
 
 
+def _fused(*tensors: torch.Tensor) -> bool:
+    """Whether the numba kernels take these tensors: CPU, one dtype, float32 or float64."""
+    dtype = tensors[0].dtype
+    return dtype in (torch.float32, torch.float64) and all(
+        t.device.type == "cpu" and t.dtype == dtype for t in tensors
+    )
+
+
+def _window_tuple(spec: SSIMSpec, dtype: torch.dtype) -> tuple:
+    """The window as numpy scalars of the data's dtype: the kernels' compile-time taps."""
+    return tuple(gaussian_window(spec, dtype, "cpu").numpy())
+
+
 def image_stats(x: torch.Tensor, spec: SSIMSpec) -> list[LevelStats]:
     """Per-image statistics at every scale; computed once per image, reused for every pair."""
+    if _fused(x):
+        win = _window_tuple(spec, x.dtype)
+        x = x.contiguous().numpy()
+        levels = []
+        for level in range(spec.levels):
+            mu, var = ssim_cpu.moments(x, win)
+            levels.append(LevelStats(*(torch.from_numpy(t) for t in (x, mu, var))))
+            if level < spec.levels - 1:
+                x = ssim_cpu.downsample(x)
+        return levels
     win = gaussian_window(spec, x.dtype, x.device)
     levels = []
     for level in range(spec.levels):
@@ -156,6 +188,25 @@ def image_stats(x: torch.Tensor, spec: SSIMSpec) -> list[LevelStats]:
     return levels
 
 
+# A window belongs to a region when at least this share of it (by Gaussian weight) lies in
+# the region. Tuned on the replication set alone (docs/region-modes.md): every value from 0.9
+# to 0.99 labels all its pairs as intended at 512 and 256 px, 0.935 with the widest smallest
+# margin to tau. Lower lets windows straddling the boundary hide background copies; higher
+# leaves few windows in small regions, so chance texture decides.
+REGION_INSIDE = 0.935
+
+
+def window_shares(fg: torch.Tensor, spec: SSIMSpec) -> list[torch.Tensor]:
+    """Per scale, the share of every SSIM window that lies in the foreground: (N, h', w').
+
+    The mask is downsampled with the image (the same 2x2 average pooling, so a coarse pixel
+    holds the foreground fraction of the pixels it pools) and then seen through the SSIM
+    window (the same valid Gaussian filter as the means). The share is therefore shaped and
+    aligned like the cs map of its scale, border included; 1 - share is the background's."""
+    x = fg.to(torch.promote_types(fg.dtype, torch.float32)).unsqueeze(1)
+    return [level.mu[:, 0] for level in image_stats(x, spec)]
+
+
 def pair_scores(
     a: list[LevelStats],
     ia: torch.Tensor,
@@ -164,29 +215,149 @@ def pair_scores(
     spec: SSIMSpec,
 ) -> torch.Tensor:
     """(MS-)SSIM of the pairs (a[ia[j]], b[ib[j]]): one filtered cross term per scale and pair."""
-    c1 = (spec.k1 * spec.data_range) ** 2
-    c2 = (spec.k2 * spec.data_range) ** 2
+    no_regions = torch.zeros(ia.numel(), 0, 2, dtype=torch.long, device=ia.device)
+    return _scores(a, ia, b, ib, no_regions, spec)[:, 0]
+
+
+def pooled_scores(
+    a: list[LevelStats],
+    ia: torch.Tensor,
+    b: list[LevelStats],
+    ib: torch.Tensor,
+    regions: torch.Tensor,
+    spec: SSIMSpec,
+) -> torch.Tensor:
+    """(J, 1 + K): the (MS-)SSIM of the pairs, then K region-pooled scores from the same maps.
+
+    regions (J, K, 2) holds, per pair and region, the variant code (0 whole, 1 foreground,
+    2 background) of the a and b side; `a` and `b` need window shares (`window_shares`).
+    A region's score is MS-SSIM restricted to the windows that lie in the region in both
+    images (share >= REGION_INSIDE; the whole image holds every window): at each scale the
+    cs maps of the unmasked images are averaged over those windows, and the scales combine
+    as in MS-SSIM. Scales where no window lies in the region cannot see it and are left out:
+    the region's MS-SSIM runs over the scales that see it, the last of them with the full SSIM
+    map (luminance too), the weights rescaled to their usual sum. A region no scale sees
+    scores 0: there is nothing to compare. Masked-out pixels never meet each other here."""
+    if a[0].share is None or b[0].share is None:
+        raise ValueError("pooled scores need window shares: build the stats with window_shares")
+    return _scores(a, ia, b, ib, regions, spec)
+
+
+def _scores(a, ia, b, ib, regions, spec: SSIMSpec) -> torch.Tensor:
     # Images may be stored in half precision to save memory; arithmetic is never below fp32.
     dtype = torch.promote_types(a[0].mu.dtype, torch.float32)
-    device = a[0].mu.device
-    win = gaussian_window(spec, dtype, device)
-    weights = torch.tensor(spec.weights, dtype=dtype, device=device)
-    factors = []
+    weights = torch.tensor(spec.weights, dtype=dtype, device=a[0].mu.device)
+    n_regions = regions.shape[1]
+    means, masses = [], []
     for level, (la, lb) in enumerate(zip(a, b, strict=True)):
-        mu_a, mu_b = la.mu[ia], lb.mu[ib]
-        mu_ab = mu_a * mu_b
-        cov = blur(la.image[ia].to(dtype) * lb.image[ib].to(dtype), win).sub_(mu_ab)
-        var_sum = la.var[ia].add_(lb.var[ib]).add_(c2)
-        cs_map = cov.mul_(2).add_(c2).div_(var_sum)
-        if level == spec.levels - 1:
-            lum = mu_ab.mul_(2).add_(c1).div_(mu_a.pow_(2) + mu_b.pow_(2) + c1)
-            cs_map = cs_map.mul_(lum)  # the full SSIM map at the coarsest scale
-        per_channel = cs_map.flatten(2).mean(-1)  # (J, C)
-        factors.append(per_channel.relu() if spec.clamp_negative else per_channel)
-    stacked = torch.stack(factors)  # (levels, J, C)
-    if spec.levels == 1:
-        return stacked[0].mean(-1)
-    return torch.prod(stacked ** weights.view(-1, 1, 1), dim=0).mean(-1)
+        last = level == spec.levels - 1  # the full SSIM map at the coarsest scale, cs elsewhere
+        if _fused(la.image, la.mu, la.var, lb.image, lb.mu, lb.var):
+            level_means, mass = _level_means_fused(la, ia, lb, ib, regions, spec, last)
+        else:
+            level_means, mass = _level_means_torch(la, ia, lb, ib, regions, spec, last, dtype)
+        means.append(level_means.relu() if spec.clamp_negative else level_means)
+        masses.append(mass)
+    stacked = torch.stack(means)  # (levels, J, C, 1 + 2K): plain, region cs, region SSIM
+    plain = torch.prod(stacked[..., 0] ** weights.view(-1, 1, 1), dim=0).mean(-1)
+    if n_regions == 0:
+        return plain.unsqueeze(1)
+    # Per pair and region, the scales that see it: the leading run of levels with windows.
+    seen = torch.cumprod((torch.stack(masses) > 0).to(torch.int64), dim=0).bool()  # (L, J, K)
+    n_seen = seen.sum(0)  # (J, K)
+    level = torch.arange(spec.levels, device=seen.device).view(-1, 1, 1)
+    cs, ssim_ = stacked[..., 1 : 1 + n_regions], stacked[..., 1 + n_regions :]
+    factor = torch.where((level == n_seen - 1).unsqueeze(2), ssim_, cs)  # (L, J, C, K)
+    used = torch.where(seen, weights.view(-1, 1, 1), torch.zeros((), dtype=dtype))
+    exponent = used * weights.sum() / used.sum(0).clamp(min=1e-30)  # (L, J, K)
+    pooled = torch.prod(factor ** exponent.unsqueeze(2), dim=0).mean(1)  # (J, K)
+    return torch.cat([plain.unsqueeze(1), torch.where(n_seen > 0, pooled, 0)], dim=1)
+
+
+def _constants(spec: SSIMSpec) -> tuple[float, float]:
+    return (spec.k1 * spec.data_range) ** 2, (spec.k2 * spec.data_range) ** 2
+
+
+def _inside(share: torch.Tensor | None, index, codes, dtype) -> torch.Tensor:
+    """(J, K, h', w') 1 where each pair's window lies in its side's region, else 0."""
+    if codes.shape[1] == 0:
+        return torch.zeros(*codes.shape, 1, 1, dtype=dtype, device=codes.device)
+    s = share[index].unsqueeze(1)
+    codes = codes[..., None, None]
+    return (
+        (codes == 0)
+        | ((codes == 1) & (s >= REGION_INSIDE))
+        | ((codes == 2) & (1 - s >= REGION_INSIDE))
+    ).to(dtype)
+
+
+def _level_means_torch(
+    la: LevelStats,
+    ia: torch.Tensor,
+    lb: LevelStats,
+    ib: torch.Tensor,
+    regions: torch.Tensor,
+    spec: SSIMSpec,
+    last: bool,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(J, C, 1 + 2K) plain, region cs and region SSIM channel means, and the (J, K) region
+    window counts, with tensor ops: the GPU path."""
+    c1, c2 = _constants(spec)
+    win = gaussian_window(spec, dtype, la.mu.device)
+    mu_a, mu_b = la.mu[ia], lb.mu[ib]
+    mu_ab = mu_a * mu_b
+    cov = blur(la.image[ia].to(dtype) * lb.image[ib].to(dtype), win).sub_(mu_ab)
+    var_sum = la.var[ia].add_(lb.var[ib]).add_(c2)
+    cs_map = cov.mul_(2).add_(c2).div_(var_sum)
+    if regions.shape[1] == 0 and not last:
+        return cs_map.flatten(2).mean(-1, keepdim=True), mu_ab.new_zeros(ia.numel(), 0)
+    lum = mu_ab.mul_(2).add_(c1).div_(mu_a.pow_(2) + mu_b.pow_(2) + c1)
+    plain = (cs_map * lum if last else cs_map).flatten(2).mean(-1, keepdim=True)
+    if regions.shape[1] == 0:
+        return plain, mu_ab.new_zeros(ia.numel(), 0)
+    both = _inside(la.share, ia, regions[..., 0], dtype) * _inside(
+        lb.share, ib, regions[..., 1], dtype
+    )
+    mass = both.flatten(2).sum(-1)  # (J, K)
+    n = mass.clamp(min=1).unsqueeze(1)
+    pooled_cs = torch.einsum("jchw,jkhw->jck", cs_map, both) / n
+    pooled_ssim = torch.einsum("jchw,jkhw->jck", cs_map * lum, both) / n
+    return torch.cat([plain, pooled_cs, pooled_ssim], dim=-1), mass
+
+
+def _level_means_fused(
+    la: LevelStats,
+    ia: torch.Tensor,
+    lb: LevelStats,
+    ib: torch.Tensor,
+    regions: torch.Tensor,
+    spec: SSIMSpec,
+    last: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `_level_means_torch` returns, from the fused numba kernel: the CPU path."""
+    dtype = la.mu.dtype
+    scalar = la.mu.numpy().dtype.type
+    c1, c2 = (scalar(c) for c in _constants(spec))
+    no_share = np.empty((0, 0, 0), scalar)
+    means, mass = ssim_cpu.cross_means(
+        la.image.numpy(),
+        la.mu.numpy(),
+        la.var.numpy(),
+        no_share if la.share is None else la.share.to(dtype).numpy(),
+        ia.to(torch.int64).contiguous().numpy(),
+        lb.image.numpy(),
+        lb.mu.numpy(),
+        lb.var.numpy(),
+        no_share if lb.share is None else lb.share.to(dtype).numpy(),
+        ib.to(torch.int64).contiguous().numpy(),
+        regions.to(torch.int64).contiguous().numpy(),
+        scalar(REGION_INSIDE),
+        _window_tuple(spec, dtype),
+        c1,
+        c2,
+        last,
+    )
+    return torch.from_numpy(means).to(dtype), torch.from_numpy(mass)
 
 
 def similarity(

@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from scanner.defaults import DEFAULT_REGION_MODE
 from scanner.fbmem import (
     DEFAULT_BETA,
     DEFAULT_MATCH_BY,
     DEFAULT_TAU,
+    check_region_mode,
     load_metric,
     score_pairs,
     select_matches,
@@ -213,8 +215,11 @@ class Match:
         cache_size: int = 4096,
         sscd: str | None = None,
         match_by: str = DEFAULT_MATCH_BY,
+        region_mode: str = DEFAULT_REGION_MODE,
     ):
         from scanner.reference import ReferenceStore
+
+        check_region_mode(region_mode, metric)
 
         self.refs = ReferenceStore(reference, device=device)
         if len(self.refs) == 0:
@@ -222,6 +227,7 @@ class Match:
                 f"reference store {reference} holds no references (see its errors table); nothing to match against"
             )
         self.top_k, self.tau, self.beta, self.match_by = top_k, tau, beta, match_by
+        self.region_mode = region_mode
         self.metric = load_metric(metric, sscd, device)
         self.device = torch.device(device)
         self._load = lru_cache(maxsize=cache_size)(self.refs.load)
@@ -264,6 +270,7 @@ class Match:
             tau=self.tau,
             beta=self.beta,
             metric=self.metric,
+            region_mode=self.region_mode,
         )
         chosen = select_matches(result, self.match_by)
         per_gen: dict[int, list[dict]] = {}

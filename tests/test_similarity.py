@@ -6,6 +6,7 @@ import pytest
 import pytorch_msssim
 import torch
 
+from scanner import similarity, ssim_cpu
 from scanner.similarity import image_stats, ms_ssim, pair_scores, spec_for, ssim
 
 
@@ -106,3 +107,33 @@ def test_ssim_accepts_small_images():
     x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
     expected = pytorch_msssim.ssim(x, x * 0.5, data_range=1.0, size_average=False)
     torch.testing.assert_close(ssim(x, x * 0.5, data_range=1.0), expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (33, 48), (161, 173)])
+def test_cpu_downsample_is_avg_pool_bit_for_bit(shape):
+    x = torch.rand(2, 3, *shape)
+    expected = torch.nn.functional.avg_pool2d(x, 2, padding=[s % 2 for s in shape])
+    assert torch.equal(torch.from_numpy(ssim_cpu.downsample(x.numpy())), expected)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_tensor_path_equals_fused_cpu_path(dtype, tol, photos, monkeypatch):
+    """GPUs run the tensor path (depthwise convolutions there, banded products on a CPU);
+    forced onto the CPU it must give what the fused kernels give."""
+    x, y = _pairs("natural", dtype, photos)
+    fused = ms_ssim(x, y, data_range=1.0)
+    monkeypatch.setattr(similarity, "_fused", lambda *tensors: False)
+    torch.testing.assert_close(ms_ssim(x, y, data_range=1.0), fused, atol=tol, rtol=0)
+
+
+def test_thread_count_does_not_change_scores(photos):
+    x, y = _pairs("natural", torch.float32, photos)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ms_ssim(x, y, data_range=1.0)
+        torch.set_num_threads(2)
+        two = ms_ssim(x, y, data_range=1.0)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)

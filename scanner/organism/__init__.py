@@ -11,7 +11,9 @@ from pathlib import Path
 
 ORGANISM_WEIGHTS = Path(__file__).resolve().parent.parent / "data" / "organism"
 ORGANISM_CAPTIONS = ORGANISM_WEIGHTS / "captions.csv"
-ORGANISM_GUIDANCE = 7.0  # classifier-free guidance of its demo: verbatim copies need it (docs/organism.md)
+ORGANISM_GUIDANCE = (
+    7.0  # classifier-free guidance of its demo: verbatim copies need it (docs/organism.md)
+)
 # NeMo on the organism: its 16 x 16 latents are too small for NeMo's 3-scale MS-SSIM (side >= 44),
 # so the signal is single-scale SSIM at the native size, with the detection threshold calibrated
 # on the organism's memorized vs held-out captions (docs/organism.md; SD v1.4's is 0.428).
