@@ -55,6 +55,7 @@ for path in (ROOT, ROOT / "benchmarks"):
 from gpu_harness import Recorder, best_of, device_name, run_sections, timed, version
 
 from scanner.fbmem import DEFAULT_BETA, branches, score_pairs
+from scanner.neurons import value_layers
 from scanner.scoring import REGION_VARIANTS, EngineConfig
 
 # Modules that need diffusers, transformers or FAISS are imported inside the sections that use
@@ -401,15 +402,16 @@ def score_layout(ctx: Context, msssim, layout: str, n_gen: int, n_ref: int, k, s
 # ---------------------------------------------------------------- (b) generation
 
 
-def generation_batch(n: int, neurons: list[str] | None = None, alpha: float = 1.0) -> dict:
-    """A Generate stage input of n bundled memorized prompts, as a scan's driver builds it."""
+def generation_batch(n: int, neurons: list[str] | None = None) -> dict:
+    """A Generate stage input of n bundled memorized prompts, as a scan's driver builds it;
+    with `neurons`, the rows are NeMo's (the neurons blocked: alpha 0)."""
     from scanner.driver import to_batch
     from scanner.plan import generation_items
     from scanner.prompts import load_prompts
 
     items = generation_items(load_prompts("memorized", n), 1, 0)
     if neurons is not None:
-        items["neurons"], items["alpha"] = neurons, alpha
+        items["neurons"], items["method"] = neurons, "nemo"
     return to_batch(items, "gpu-suite")
 
 
@@ -526,22 +528,23 @@ def section_generate(ctx: Context) -> None:
         stage_over_plain_x50=round(ctx.results[f"stage-{b}"]["x50_s"] / plain["x50_s"], 3),
     )
     per_layer = 10
-    neurons = random_neurons(stage.layers, b, per_layer, seed=0)
+    layers = value_layers(stage.generator.unet)
+    neurons = random_neurons(layers, b, per_layer, seed=0)
     ctx.peak_reset()
     hooked = per_step_figures(
-        stage_runner(stage, generation_batch(b, neurons, alpha=0.0), b), p.steps, b, p.device
+        stage_runner(stage, generation_batch(b, neurons), b), p.steps, b, p.device
     )
     emit_generation(
         ctx,
         "generate",
         "neuron hooks",
-        f"Generate stage, batch {b}, per-sample scales on {len(stage.layers)} layers",
+        f"Generate stage, batch {b}, per-sample scales on {len(layers)} layers",
         b,
         hooked,
         hooks_over_no_hooks_per_step=round(
             hooked["per_step_s"] / max(ctx.results[f"stage-{b}"]["per_step_s"], 1e-9), 3
         ),
-        neurons_per_sample=per_layer * len(stage.layers),
+        neurons_per_sample=per_layer * len(layers),
     )
 
 
