@@ -283,17 +283,18 @@ def published_rows(prompts, options) -> list[dict]:
     return rows
 
 
-def prepare_methods(out: Path, prompts: pd.DataFrame, config, options) -> dict[str, str]:
+def prepare_methods(out: Path, prompts: pd.DataFrame, config, options) -> dict[str, dict]:
     """Each preparing method's once-per-run state (Wanda's mask), as a Ray task on the generate
-    stage's resources, saved to <out>/methods/<method>.npz: method -> path. A saved state is
-    reused (same directory, same config: same state)."""
-    paths = {}
+    stage's resources, saved to <out>/methods/<method>.npz: method -> {"state": path,
+    "prepare_seconds_this_run"}. A saved state is reused (same directory, same config: same
+    state) and costs 0 s."""
+    prepared = {}
     for method in map(get_method, options.methods):
         if not method.prepares:
             continue
         path = out / "methods" / f"{method.name.replace(':', '_')}.npz"
+        started = time.time()
         if not path.exists():
-            started = time.time()
             state = run_task(
                 prepare_method,
                 config.resources_for("generate"),
@@ -308,8 +309,9 @@ def prepare_methods(out: Path, prompts: pd.DataFrame, config, options) -> dict[s
                 np.savez(file, **state)
             partial.replace(path)  # complete or absent, never half written
             print(f"{method.name}: prepared in {time.time() - started:.1f} s -> {path}")
-        paths[method.name] = str(path)
-    return paths
+        seconds = round(time.time() - started, 2)
+        prepared[method.name] = {"state": str(path), "prepare_seconds_this_run": seconds}
+    return prepared
 
 
 # 3. Scores -------------------------------------------------------------------------------------
@@ -420,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     # then every method's generations, scanned
     start_ray()
     neuron_sets = localize(tables, prompts, config, options)
-    states = prepare_methods(out, usable, config, options)
+    prepared = prepare_methods(out, usable, config, options)
+    states = {name: info["state"] for name, info in prepared.items()}
     shards = method_items(prompts, clusters, neuron_sets, config, options)
     pending = [(s, p) for s, p in shards if not tables.is_done(s)]
     total = sum(len(p) for _, p in shards)
@@ -451,8 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             "finished": time.time(),
             "seconds_generate_scan_this_run": round(seconds, 2),
             "methods": {
-                m.name: {"kind": m.kind, "settings": settings[m.name]}
-                | ({"state": states[m.name]} if m.name in states else {})
+                m.name: {"kind": m.kind, "settings": settings[m.name]} | prepared.get(m.name, {})
                 for m in methods
             },
             "rows": {t: tables.count(t) for t in TABLES},

@@ -104,8 +104,10 @@ class Generate:
 
     def __init__(self, config, out_size: int, method_states: dict[str, str] | None = None):
         from scanner.generate import Generator
+        from scanner.neurons import value_layers
 
         self.generator = Generator(config)
+        self.layers = value_layers(self.generator.unet)  # where the `neurons` rows point
         self.size = out_size  # the reference store's canonical size
         self.states = {
             name: dict(np.load(path, allow_pickle=False))
