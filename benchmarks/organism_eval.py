@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from scanner.fbmem import score_pairs  # noqa: E402
 from scanner.generate import GenerationConfig, Generator  # noqa: E402
 from scanner.mitigation.signal import (  # noqa: E402
     MemorizationSignal,
@@ -34,7 +35,6 @@ from scanner.mitigation.signal import (  # noqa: E402
 )
 from scanner.organism import ORGANISM_GUIDANCE, ORGANISM_NEMO, ORGANISM_WEIGHTS  # noqa: E402
 from scanner.organism.design import TRAIN_SIZE, make_design, resample  # noqa: E402
-from scanner.similarity import ms_ssim  # noqa: E402
 
 SCAN_SIZE = 256
 MEMORIZED_GROUPS = ("verbatim", "fg-concept", "bg-concept")
@@ -42,15 +42,12 @@ HELDOUT_GROUPS = ("heldout-concept", "heldout-unrelated")
 
 
 def nearest(generated: torch.Tensor, references: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per generation: the best MS-SSIM over the references and the index of that reference."""
-    best, which = [], []
-    for image in generated:
-        scores = ms_ssim(
-            image[None].expand(len(references), -1, -1, -1), references, data_range=1.0
-        )
-        best.append(float(scores.max()))
-        which.append(int(scores.argmax()))
-    return np.array(best), np.array(which)
+    """Per generation: the best MS-SSIM over the references and the index of that reference,
+    from the scanner's scoring engine (M_full of every generation x reference pair)."""
+    ones = lambda x: torch.ones(len(x), *x.shape[-2:], dtype=torch.bool)  # noqa: E731
+    full = score_pairs(generated, references, ones(generated), ones(references)).m_full
+    full = full.reshape(len(generated), len(references))
+    return full.max(axis=1), full.argmax(axis=1)
 
 
 def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
